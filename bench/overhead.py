@@ -1,0 +1,315 @@
+"""`muserve bench overhead`: what the control plane adds, measured with a no-op worker.
+
+Everything real except the model: HTTP gateway -> NATS -> scheduler (predictor call, JetStream persist,
+SSJF queue, worker pull) -> no-op worker -> token chunks streamed back through the gateway. Open-loop
+Poisson arrivals at each rate; side by side in the same run, two reference points: one NATS
+request/reply hop to the predictor service, and the raw NATS entry (no HTTP gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import nats
+
+from bench.common import machine_info, pct, wait_idle, write_json
+from services.common import subjects
+from services.common.settings import DEFAULT_CHAT_MODEL
+from services.launcher import Cluster, ServiceSpec, free_port
+
+TARGET_P50_MS = 3.0
+TARGET_P99_MS = 10.0
+WARMUP_S = 2.0
+
+
+async def _http_one(
+    session: aiohttp.ClientSession, url: str, stream: bool, out: list[float], errs: list[str]
+) -> None:
+    body = {"model": DEFAULT_CHAT_MODEL, "prompt": "hello", "max_tokens": 4, "stream": stream}
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url, json=body) as resp:
+            data = await resp.read()
+            if resp.status != 200:
+                errs.append(f"HTTP {resp.status}: {data[:200]!r}")
+                return
+            if stream and not data.rstrip().endswith(b"data: [DONE]"):
+                errs.append("stream did not end with [DONE]")
+                return
+    except Exception as exc:
+        errs.append(repr(exc))
+        return
+    out.append((time.perf_counter() - t0) * 1000.0)
+
+
+async def _nats_entry_one(nc: Any, out: list[float], errs: list[str]) -> None:
+    payload = msgpack.packb({"prompt": "hello", "max_tokens": 4})
+    t0 = time.perf_counter()
+    try:
+        msg = await nc.request(subjects.generate(DEFAULT_CHAT_MODEL), payload, timeout=5)
+        if msgpack.unpackb(msg.data).get("error"):
+            errs.append(str(msgpack.unpackb(msg.data)["error"]))
+            return
+    except Exception as exc:
+        errs.append(repr(exc))
+        return
+    out.append((time.perf_counter() - t0) * 1000.0)
+
+
+async def _nats_hop_one(nc: Any, out: list[float], errs: list[str]) -> None:
+    payload = msgpack.packb({"items": [{"request_id": "x", "model": DEFAULT_CHAT_MODEL, "text": "hello"}]})
+    t0 = time.perf_counter()
+    try:
+        await nc.request(subjects.PREDICT, payload, timeout=5)
+    except Exception as exc:
+        errs.append(repr(exc))
+        return
+    out.append((time.perf_counter() - t0) * 1000.0)
+
+
+async def _open_loop(
+    fire: Any, rate: float, duration_s: float, seed: int
+) -> tuple[list[float], list[str], float]:
+    """Poisson arrivals at `rate` for `duration_s`; returns latencies, errors and the achieved rate."""
+    rng = random.Random(seed)
+    lat: list[float] = []
+    errs: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+    start = time.perf_counter()
+    t_next = start
+    n = 0
+    while True:
+        t_next += rng.expovariate(rate)
+        if t_next - start > duration_s:
+            break
+        delay = t_next - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(fire(lat, errs)))
+        n += 1
+    await asyncio.gather(*tasks)
+    return lat, errs, n / duration_s
+
+
+async def _measure(
+    gateway: str, nats_url: str, rates: list[float], duration_s: float, repeats: int, stream: bool, echo: Any
+) -> dict[str, Any]:
+    url = f"{gateway}/v1/completions"
+    conn = aiohttp.TCPConnector(limit=512)
+    nc = await nats.connect(nats_url)
+    results: dict[str, Any] = {"gateway": {}, "nats_entry": {}, "nats_hop": {}}
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        def http_fire(lat: list[float], errs: list[str]) -> Any:
+            return _http_one(session, url, stream, lat, errs)
+
+        def entry_fire(lat: list[float], errs: list[str]) -> Any:
+            return _nats_entry_one(nc, lat, errs)
+
+        def hop_fire(lat: list[float], errs: list[str]) -> Any:
+            return _nats_hop_one(nc, lat, errs)
+
+        await _open_loop(http_fire, 50.0, WARMUP_S, seed=0)  # warm connections, JIT caches, JetStream
+        for rep in range(repeats):
+            for rate in rates:
+                for name, fire in (
+                    ("gateway", http_fire),
+                    ("nats_entry", entry_fire),
+                    ("nats_hop", hop_fire),
+                ):
+                    lat, errs, achieved = await _open_loop(
+                        fire, rate, duration_s, seed=1000 * rep + int(rate)
+                    )
+                    runs = results[name].setdefault(str(int(rate)), [])
+                    runs.append(
+                        {
+                            "repeat": rep,
+                            "achieved_rps": achieved,
+                            "n": len(lat),
+                            "errors": len(errs),
+                            "error_samples": errs[:3],
+                            "p50_ms": pct(lat, 50),
+                            "p90_ms": pct(lat, 90),
+                            "p99_ms": pct(lat, 99),
+                            "max_ms": max(lat) if lat else float("nan"),
+                            "mean_ms": statistics.fmean(lat) if lat else float("nan"),
+                            "latencies_ms": [round(x, 3) for x in lat],
+                        }
+                    )
+                    echo(
+                        f"  repeat {rep + 1}/{repeats} {rate:>5.0f} req/s {name:<10}: "
+                        f"p50 {pct(lat, 50):6.2f} ms"
+                        f"  p99 {pct(lat, 99):6.2f} ms  ({len(lat)} ok, {len(errs)} errors)"
+                    )
+    await nc.close()
+    return results
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per path and rate: median over repeats of p50/p99, pooled percentiles, errors."""
+    out: dict[str, Any] = {}
+    for name, by_rate in results.items():
+        out[name] = {}
+        for rate, runs in by_rate.items():
+            pooled = [x for r in runs for x in r["latencies_ms"]]
+            out[name][rate] = {
+                "p50_ms_median": statistics.median(r["p50_ms"] for r in runs),
+                "p99_ms_median": statistics.median(r["p99_ms"] for r in runs),
+                "p50_ms_pooled": pct(pooled, 50),
+                "p99_ms_pooled": pct(pooled, 99),
+                "requests": len(pooled),
+                "errors": sum(r["errors"] for r in runs),
+                "achieved_rps_median": statistics.median(r["achieved_rps"] for r in runs),
+            }
+    return out
+
+
+def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The report."""
+    lines = [
+        "# Control-plane overhead (no-op worker)",
+        "",
+        f"Measured {meta['machine']['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores), "
+        f"commit `{meta['machine']['commit']}`, load average before the run {meta['load_before']:.2f}.",
+        f"Open-loop Poisson arrivals, {meta['duration_s']:.0f} s per rate, {meta['repeats']} repeats "
+        f"(figures are medians over repeats), streaming={meta['stream']}. Reproduce: `{meta['command']}`.",
+        "",
+        "Path measured by `gateway`: HTTP POST /v1/completions -> gateway -> NATS -> scheduler "
+        "(predictor request/reply, JetStream persist, SSJF queue, worker pull) -> no-op worker -> "
+        "token chunks -> gateway -> HTTP response complete. `nats_entry` skips HTTP (raw NATS request "
+        "on the entry subject); `nats_hop` is one NATS request/reply to the predictor service.",
+        "",
+        f"Target: gateway p50 <= {TARGET_P50_MS:g} ms and p99 <= {TARGET_P99_MS:g} ms at 200 req/s.",
+        "",
+        "| rate (req/s) | gateway p50 | gateway p99 | nats_entry p50 | nats_entry p99 | nats_hop p50 | "
+        "nats_hop p99 | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    g = summary["gateway"]
+    for rate in g:
+        e = summary["nats_entry"][rate]
+        h = summary["nats_hop"][rate]
+        errs = g[rate]["errors"] + e["errors"] + h["errors"]
+        lines.append(
+            f"| {rate} | {g[rate]['p50_ms_median']:.2f} ms | {g[rate]['p99_ms_median']:.2f} ms | "
+            f"{e['p50_ms_median']:.2f} ms | {e['p99_ms_median']:.2f} ms | {h['p50_ms_median']:.2f} ms | "
+            f"{h['p99_ms_median']:.2f} ms | {errs} |"
+        )
+    top = g.get("200")
+    if top is not None:
+        ok = top["p50_ms_median"] <= TARGET_P50_MS and top["p99_ms_median"] <= TARGET_P99_MS
+        lines += [
+            "",
+            f"At 200 req/s: p50 {top['p50_ms_median']:.2f} ms, p99 {top['p99_ms_median']:.2f} ms -> "
+            f"target {'met' if ok else 'NOT met'}.",
+        ]
+    lines += ["", "![latency CDF](overhead.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Latency CDFs per rate for the gateway path (pooled over repeats)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, style in (("gateway", "-"), ("nats_entry", "--")):
+        for rate, runs in results[name].items():
+            pooled = np.sort([x for r in runs for x in r["latencies_ms"]])
+            if pooled.size:
+                ax.plot(
+                    pooled, np.arange(1, pooled.size + 1) / pooled.size, style, label=f"{name} {rate} req/s"
+                )
+    ax.axvline(TARGET_P50_MS, color="grey", lw=0.8, ls=":")
+    ax.axvline(TARGET_P99_MS, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency (ms, log)")
+    ax.set_ylabel("CDF")
+    ax.set_title("muserve control-plane latency, no-op worker")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_overhead(
+    rates: list[float],
+    *,
+    duration_s: float,
+    repeats: int,
+    out_dir: Path,
+    stream: bool = True,
+    echo: Any = print,
+    idle_timeout_s: float = 60.0,
+) -> int:
+    """Start a no-op cluster, measure, write overhead.{json,md,png}; returns an exit code."""
+    load = wait_idle(timeout_s=idle_timeout_s, echo=echo)
+    tmp = Path(tempfile.mkdtemp(prefix="muserve-bench-"))
+    port = free_port()
+    env = {
+        "MUSERVE_WORKER__MODE": "noop",
+        "MUSERVE_WORKER__MAX_SEQS": "512",
+        "MUSERVE_GATEWAY__PORT": str(port),
+        "MUSERVE_LOG_LEVEL": "WARNING",
+        "MUSERVE_OTEL__EXPORTER": "none",
+        "MUSERVE_DATA_DIR": str(tmp),
+        "MUSERVE_GROUPS": json.dumps(
+            {"chat": {"policy": "ssjf", "max_queue": 4096}, "embed": {"policy": "fcfs"}}
+        ),
+    }
+    specs = [
+        ServiceSpec("scheduler"),
+        ServiceSpec("predictor"),
+        ServiceSpec("gateway"),
+        ServiceSpec("powerd"),
+        ServiceSpec("worker", env={"MUSERVE_WORKER__GPU": "0"}),
+    ]
+    cluster = Cluster(env, data_dir=tmp, log_dir=tmp / "logs", echo=echo)
+    gateway = f"http://127.0.0.1:{port}"
+    try:
+        cluster.start(specs)
+        cluster.wait_ready(gateway, [DEFAULT_CHAT_MODEL], timeout_s=120)
+        echo(f"measuring rates {rates} req/s, {duration_s:.0f} s each, {repeats} repeats ...")
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        assert cluster.nats_url is not None
+        results = asyncio.run(_measure(gateway, cluster.nats_url, rates, duration_s, repeats, stream, echo))
+    finally:
+        cluster.stop()
+    summary = summarize(results)
+    meta = {
+        "machine": machine_info(),
+        "load_before": load,
+        "duration_s": duration_s,
+        "repeats": repeats,
+        "rates": rates,
+        "stream": stream,
+        "command": " ".join(["muserve", "bench", "overhead", *sys.argv[3:]]),
+        "worker": "noop (4 tokens), max_seqs 512",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "overhead.json", {"meta": meta, "summary": summary, "runs": results})
+    (out_dir / "overhead.md").write_text(markdown(summary, meta))
+    plot(results, out_dir / "overhead.png")
+    echo(markdown(summary, meta))
+    errors = sum(v["errors"] for path in summary.values() for v in path.values())
+    return 1 if errors else 0

@@ -1,0 +1,151 @@
+"""The `muserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from services import __version__
+
+
+def _set(env: dict[str, str], key: str, value: object) -> None:
+    if value is not None:
+        env[key] = str(value)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """CLI flags become MUSERVE_* variables, so child processes see them too."""
+    env: dict[str, str] = {}
+    _set(env, "MUSERVE_NATS_URL", getattr(args, "nats_url", None))
+    _set(env, "MUSERVE_CACHE", getattr(args, "cache", None))
+    _set(env, "MUSERVE_WORKER__MODEL", getattr(args, "model", None))
+    _set(env, "MUSERVE_WORKER__MAX_SEQS", getattr(args, "max_seqs", None))
+    _set(env, "MUSERVE_WORKER__NUM_HIDDEN_LAYERS", getattr(args, "layers", None))
+    _set(env, "MUSERVE_WORKER__DTYPE", getattr(args, "dtype", None))
+    _set(env, "MUSERVE_WORKER__GPU", getattr(args, "gpu", None))
+    if getattr(args, "noop", False):
+        env["MUSERVE_WORKER__MODE"] = "noop"
+    _set(env, "MUSERVE_GATEWAY__PORT", getattr(args, "port", None))
+    _set(env, "MUSERVE_OTEL__EXPORTER", getattr(args, "otel", None))
+    return env
+
+
+def _apply(env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="catalogue model to serve (default: smollm2-135m-instruct)")
+    p.add_argument("--max-seqs", type=int, help="batch slots (concurrent sequences)")
+    p.add_argument("--layers", type=int, help="keep only the first N layers (fast tests; nonsense text)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"])
+    p.add_argument("--noop", action="store_true", help="no model: answer at once (control-plane benchmark)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands."""
+    parser = argparse.ArgumentParser(prog="muserve", description="Power-aware model serving over NATS.")
+    parser.add_argument("--version", action="version", version=f"muserve {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--nats-url", help="NATS server to use (`up`/`demo`: instead of an embedded one)")
+    common.add_argument("--otel", choices=["none", "console", "otlp"], help="trace exporter")
+    common.add_argument("--cache", type=Path, help="model cache folder (env MUSERVE_CACHE)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", parents=[common], help="embedded NATS + every service, in the foreground")
+    up.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000)")
+    up.add_argument("--nats-port", type=int, default=14222, help="embedded nats-server port (default 14222)")
+    up.add_argument("--data-dir", type=Path, help="JetStream store etc. (default ~/.local/share/muserve)")
+    up.add_argument("--no-embeddings", action="store_true", help="skip the MiniLM embedding worker")
+    up.add_argument("--no-powerd", action="store_true", help="skip the power daemon")
+    _worker_flags(up)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="start everything, send a short mixed workload, print a summary, stop"
+    )
+    demo.add_argument("--requests", type=int, default=8, help="chat requests in the workload")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--logs", type=Path, help="keep service logs here (default: a temp dir)")
+    _worker_flags(demo)
+
+    for name, text in (
+        ("gateway", "OpenAI-compatible HTTP gateway"),
+        ("scheduler", "queues (FCFS/SSJF), JetStream durability, dispatch"),
+        ("predictor", "output-length predictor (NATS queue group)"),
+        ("powerd", "per-node GPU clock daemon"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        if name == "gateway":
+            p.add_argument("--port", type=int)
+    worker = sub.add_parser("worker", parents=[common], help="serve one model on one GPU")
+    _worker_flags(worker)
+    worker.add_argument("--gpu", type=int)
+
+    sub.add_parser("prepare", parents=[common], help="convert packaged model weights into the cache once")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    ov = bsub.add_parser("overhead", parents=[common], help="control-plane latency with a no-op worker")
+    ov.add_argument("--rates", default="50,100,200", help="request rates (req/s), comma separated")
+    ov.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
+    ov.add_argument("--repeats", type=int, default=3, help="runs per rate (median reported)")
+    ov.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
+    ov.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `muserve` console script."""
+    args = build_parser().parse_args(argv)
+    env = _overrides(args)
+    _apply(env)
+    cmd = args.cmd
+    if cmd in ("gateway", "scheduler", "predictor", "powerd", "worker"):
+        from importlib import import_module
+
+        module = import_module(f"services.{cmd}.service")
+        module.main()
+        return
+    if cmd == "up":
+        from services.common.settings import Settings
+        from services.launcher import run_up
+
+        settings = Settings()
+        nats_url = args.nats_url
+        data_dir = args.data_dir or settings.data_dir
+        sys.exit(
+            run_up(
+                env,
+                nats_url=nats_url,
+                nats_port=args.nats_port,
+                gateway_port=args.port,
+                data_dir=data_dir,
+                with_embeddings=not args.no_embeddings,
+                with_powerd=not args.no_powerd,
+            )
+        )
+    if cmd == "demo":
+        from services.demo import run_demo
+
+        sys.exit(run_demo(env, requests=args.requests, max_tokens=args.max_tokens, log_dir=args.logs))
+    if cmd == "prepare":
+        from services.common.settings import Settings
+        from services.launcher import prepare_models
+
+        prepare_models(Settings().cache)
+        return
+    if cmd == "bench":
+        from bench.overhead import run_overhead
+
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        sys.exit(
+            run_overhead(
+                rates, duration_s=args.duration, repeats=args.repeats, out_dir=args.out, stream=args.stream
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

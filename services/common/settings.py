@@ -1,0 +1,217 @@
+"""Configuration: pydantic settings, env prefix MUSERVE_, nested by `__` (MUSERVE_WORKER__MAX_SEQS=4)."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.subjects import check_token
+
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
+
+
+class ModelSpec(BaseModel):
+    """One servable model: its name (the `model` field of requests), kind, weights and scheduling facts."""
+
+    name: str
+    kind: Literal["chat", "embedding"]
+    # "smollm2" and "minilm" are the packaged weights; anything else is a local HF folder path.
+    source: str
+    group: str
+    max_context_tokens: int = Field(gt=0)
+    # Frequency sensitivity s in t(f) = t(fmax) * (s * fmax / f + 1 - s); 1 = compute bound.
+    sensitivity: float = Field(default=0.6, ge=0.0, le=1.0)
+    # Default exec-time model at max clock until measured: const_ms + ms_per_token * tokens.
+    exec_const_ms: float = Field(default=50.0, ge=0.0)
+    exec_ms_per_token: float = Field(default=25.0, ge=0.0)
+    # Prior for the baseline predictor until real lengths are observed.
+    median_tokens: float = Field(default=256.0, gt=0.0)
+
+    @field_validator("name", "group")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        return check_token(v, "model/group name")
+
+
+class GroupSpec(BaseModel):
+    """A model group: one queue and its policy."""
+
+    policy: Literal["fcfs", "ssjf"] = "ssjf"
+    max_queue: int = Field(default=256, ge=1)
+    # Aging bound: promote a request that waited longer than this multiple of its predicted exec time.
+    aging_factor: float = Field(default=8.0, gt=0.0)
+    max_wait_ms: float = Field(default=60_000.0, gt=0.0)
+
+
+def default_models() -> list[ModelSpec]:
+    """The catalogue served out of the box."""
+    return [
+        ModelSpec(
+            name=DEFAULT_CHAT_MODEL,
+            kind="chat",
+            source="smollm2",
+            group="chat",
+            max_context_tokens=8192,
+            sensitivity=0.6,
+            exec_const_ms=60.0,
+            exec_ms_per_token=40.0,
+            median_tokens=256.0,
+        ),
+        ModelSpec(
+            name=DEFAULT_EMBED_MODEL,
+            kind="embedding",
+            source="minilm",
+            group="embed",
+            max_context_tokens=512,
+            sensitivity=0.9,
+            exec_const_ms=20.0,
+            exec_ms_per_token=0.0,
+            median_tokens=1.0,
+        ),
+    ]
+
+
+def default_groups() -> dict[str, GroupSpec]:
+    """One SSJF queue for LLMs, one FCFS queue for single-shot models."""
+    return {"chat": GroupSpec(policy="ssjf"), "embed": GroupSpec(policy="fcfs")}
+
+
+class GatewaySettings(BaseModel):
+    """HTTP front door."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    request_timeout_s: float = Field(default=300.0, gt=0.0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    default_max_tokens: int = Field(default=256, ge=1)
+
+
+class SchedulerSettings(BaseModel):
+    """Queues, dispatch and durability."""
+
+    # Groups this instance owns (None: all). A group has exactly one scheduler.
+    groups: list[str] | None = None
+    telemetry_interval_ms: float = Field(default=500.0, gt=0.0)
+    worker_lease_ms: float = Field(default=3000.0, gt=0.0)
+    predictor_timeout_ms: float = Field(default=250.0, gt=0.0)
+    ack_wait_s: float = Field(default=300.0, gt=0.0)
+    max_attempts: int = Field(default=3, ge=1)
+    # After a restart, wait this long for worker heartbeats before re-dispatching recovered jobs.
+    recovery_grace_ms: float = Field(default=2500.0, ge=0.0)
+
+
+class WorkerSettings(BaseModel):
+    """One worker process: one model on one (real or simulated) GPU."""
+
+    model: str = DEFAULT_CHAT_MODEL
+    mode: Literal["model", "noop"] = "model"
+    max_seqs: int = Field(default=8, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    num_hidden_layers: int | None = Field(default=None, ge=1)
+    gpu: int = Field(default=0, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+    heartbeat_ms: float = Field(default=1000.0, gt=0.0)
+    pull_wait_ms: float = Field(default=1000.0, gt=0.0)
+    step_telemetry_ms: float = Field(default=500.0, gt=0.0)
+    # noop mode: tokens "generated" per request (control-plane overhead benchmark).
+    noop_tokens: int = Field(default=4, ge=1)
+    # Stretch each step by the simulated GPU's slowdown at its current clock.
+    simulate_clock: bool = True
+
+
+class PredictorSettings(BaseModel):
+    """Length predictor service."""
+
+    # 0 = opportunistic batching: run at once when idle, batch whatever arrived while busy.
+    batch_window_ms: float = Field(default=0.0, ge=0.0)
+    max_batch: int = Field(default=64, ge=1)
+    edges_tokens: list[int] = Field(default_factory=lambda: [96, 265, 451, 1039])
+
+    @field_validator("edges_tokens")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= a for a, b in itertools.pairwise(v)) or v[0] <= 0:
+            raise ValueError("edges_tokens must be positive and strictly increasing")
+        return v
+
+
+class PowerdSettings(BaseModel):
+    """Per-node power daemon."""
+
+    backend: Literal["auto", "nvml", "sim"] = "auto"
+    profile: str = "v100"
+    gpus: int = Field(default=1, ge=1)
+    policy: Literal["max-clock", "queue-threshold"] = "queue-threshold"
+    interval_ms: float = Field(default=250.0, gt=0.0)
+    dry_run: bool = False
+
+
+class OtelSettings(BaseModel):
+    """OpenTelemetry tracing."""
+
+    exporter: Literal["none", "console", "otlp"] = "none"
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    # Short by default so traces show up quickly; raise for heavy load.
+    export_delay_ms: int = Field(default=500, ge=1)
+
+
+class Settings(BaseSettings):
+    """All of muserve's configuration; every field can be set from the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MUSERVE_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    nats_url: str = "nats://127.0.0.1:14222"
+    node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "node")
+    cache: Path = Path.home() / ".cache" / "muserve"
+    data_dir: Path = Path.home() / ".local" / "share" / "muserve"
+    log_level: str = "INFO"
+    models: list[ModelSpec] = Field(default_factory=default_models)
+    groups: dict[str, GroupSpec] = Field(default_factory=default_groups)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    predictor: PredictorSettings = Field(default_factory=PredictorSettings)
+    powerd: PowerdSettings = Field(default_factory=PowerdSettings)
+    otel: OtelSettings = Field(default_factory=OtelSettings)
+
+    @field_validator("node")
+    @classmethod
+    def _node_token(cls, v: str) -> str:
+        return check_token(v.replace(".", "-"), "node")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate model names in models: {names}")
+        for m in self.models:
+            if m.group not in self.groups:
+                raise ValueError(
+                    f"model {m.name!r} names group {m.group!r}, not in groups {list(self.groups)}"
+                )
+        for g in self.groups:
+            check_token(g, "group")
+        if self.scheduler.groups is not None:
+            unknown = set(self.scheduler.groups) - set(self.groups)
+            if unknown:
+                raise ValueError(f"scheduler.groups names unknown groups {sorted(unknown)}")
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        """The catalogue entry for a model name."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    def models_in(self, group: str) -> list[ModelSpec]:
+        """Models served by one group."""
+        return [m for m in self.models if m.group == group]

@@ -1,0 +1,108 @@
+"""Predictor service: a NATS queue group answering `muserve.v1.predict` with micro-batched predictions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from services.common import subjects, tracing
+from services.common.codec import CodecError, decode, encode
+from services.common.nats_conn import TaskSet, close_nats, concurrent, connect
+from services.common.runtime import register_discovery, run_service, settle, setup_logging
+from services.common.schemas import (
+    CompletionRecord,
+    ErrorCode,
+    ErrorInfo,
+    PredictReply,
+    PredictRequest,
+)
+from services.common.settings import Settings
+from services.predictor.base import LengthPredictor, MedianLengthPredictor
+from services.predictor.batcher import MicroBatcher
+
+log = logging.getLogger("muserve.predictor")
+_tracer = tracing.tracer("muserve.predictor")
+
+# Longer prompts are cut (head and tail kept) before prediction, so a huge prompt costs no more.
+MAX_TEXT_CHARS = 16_384
+
+
+def build_predictor(settings: Settings) -> LengthPredictor:
+    """The configured predictor (this release: the per-model median baseline)."""
+    priors = {m.name: m.median_tokens for m in settings.models}
+    return MedianLengthPredictor(settings.predictor.edges_tokens, priors_tokens=priors)
+
+
+def clip_text(text: str) -> str:
+    """Keep head and tail of very long prompts."""
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    half = MAX_TEXT_CHARS // 2
+    return text[:half] + "\n...\n" + text[-half:]
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run until stop is set."""
+    tracing.setup_tracing("predictor", settings.otel)
+    predictor = build_predictor(settings)
+    batcher = MicroBatcher(
+        predictor, window_ms=settings.predictor.batch_window_ms, max_batch=settings.predictor.max_batch
+    )
+    nc = await connect(settings.nats_url, "muserve-predictor")
+    tasks = TaskSet()
+    started = time.time()
+    log.info("predictor %s ready (pid %d)", predictor.ident, os.getpid())
+
+    async def on_predict(msg: Msg) -> None:
+        if not msg.reply:
+            return
+        with tracing.span(_tracer, "predictor.predict", context=tracing.extract(msg.headers)) as span:
+            try:
+                req = decode(PredictRequest, msg.data)
+                items = [i.model_copy(update={"text": clip_text(i.text)}) for i in req.items]
+                preds = await batcher.predict(items)
+                reply = PredictReply(predictions=preds)
+                span.set_attribute("muserve.batch_items", len(items))
+            except CodecError as exc:
+                reply = PredictReply(error=exc.to_error())
+            except Exception as exc:
+                log.exception("prediction failed")
+                reply = PredictReply(error=ErrorInfo(code=ErrorCode.INTERNAL, message=str(exc)))
+        await nc.publish(msg.reply, encode(reply))
+
+    async def on_completion(msg: Msg) -> None:
+        try:
+            rec = decode(CompletionRecord, msg.data)
+        except CodecError:
+            return
+        if rec.finish_reason in ("stop", "length"):
+            predictor.observe(rec.model, rec.completion_tokens)
+
+    def info() -> dict[str, Any]:
+        return {
+            "predictor": predictor.ident,
+            "batches": batcher.batches,
+            "items": batcher.items,
+            "uptime_s": time.time() - started,
+        }
+
+    await nc.subscribe(subjects.PREDICT, queue=subjects.PREDICTOR_QUEUE, cb=concurrent(tasks, on_predict))
+    await nc.subscribe(subjects.COMPLETIONS_ALL, cb=on_completion)
+    await register_discovery(nc, "predictor", info)
+    settle()
+    await stop.wait()
+    await close_nats(nc)
+    await tasks.cancel_all()
+    tracing.shutdown_tracing()
+
+
+def main(settings: Settings | None = None) -> None:
+    """Entry point of `muserve predictor`."""
+    settings = settings or Settings()
+    setup_logging("predictor", settings.log_level)
+    run_service(lambda stop: serve(settings, stop))

@@ -1,0 +1,355 @@
+"""One model group's scheduling state: admission, dispatch, leases, recovery (pure, no I/O)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from services.common.schemas import (
+    ErrorCode,
+    ErrorInfo,
+    Job,
+    QueueTelemetry,
+    WorkerHeartbeat,
+    WorkerRef,
+)
+from services.scheduler.request_queue import QueuedRequest, RequestQueue
+
+_COMPLETED_MEMORY = 50_000
+
+
+class JobStatus(StrEnum):
+    """Where an accepted job is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RECOVERING = "recovering"
+
+
+@dataclass
+class JobState:
+    """An accepted, unfinished job."""
+
+    job: Job
+    status: JobStatus
+    worker_id: str | None = None
+    dispatched_at_s: float | None = None
+    emitted_tokens: int = 0
+
+
+@dataclass
+class WorkerState:
+    """What the scheduler knows of one worker."""
+
+    worker_id: str
+    node: str
+    gpu: int
+    models: frozenset[str]
+    slots: int
+    last_seen_s: float
+    running: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A job the scheduler gives up on: the client gets this error, JetStream gets the ack."""
+
+    job: Job
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
+class ExpireResult:
+    """What changed when leases and deadlines were checked."""
+
+    requeued: list[str]
+    failed: list[Failure]
+    lost_workers: list[str]
+
+
+class GroupCore:
+    """Scheduling state of one model group; the scheduler service is a thin async shell around it."""
+
+    def __init__(
+        self,
+        group: str,
+        queue: RequestQueue,
+        *,
+        max_queue: int,
+        worker_lease_s: float,
+        max_attempts: int = 3,
+        recovery_until_s: float = 0.0,
+    ) -> None:
+        self.group = group
+        self.queue = queue
+        self.max_queue = max_queue
+        self.worker_lease_s = worker_lease_s
+        self.max_attempts = max_attempts
+        self.recovery_until_s = recovery_until_s
+        self.jobs: dict[str, JobState] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self.completed: OrderedDict[str, None] = OrderedDict()
+        self.arrivals = 0
+        self.completions = 0
+
+    # -- admission -------------------------------------------------------------------------------
+    def in_recovery(self, now_s: float) -> bool:
+        """True shortly after a restart, while workers re-announce what they run."""
+        return now_s < self.recovery_until_s
+
+    def live_workers(self, now_s: float, model: str | None = None) -> list[WorkerState]:
+        """Workers whose lease holds (optionally only those serving a model)."""
+        return [
+            w
+            for w in self.workers.values()
+            if now_s - w.last_seen_s <= self.worker_lease_s and (model is None or model in w.models)
+        ]
+
+    def check_admission(
+        self, request_id: str, model: str, now_s: float, admitting: int = 0
+    ) -> ErrorInfo | None:
+        """Why a new request cannot be accepted now, or None (admitting: accepted but not yet queued)."""
+        if request_id in self.jobs or request_id in self.completed:
+            return ErrorInfo(
+                code=ErrorCode.INVALID_REQUEST,
+                message=f"request_id {request_id!r} was already submitted",
+                param="request_id",
+            )
+        if len(self.queue) + admitting >= self.max_queue:
+            return ErrorInfo(
+                code=ErrorCode.QUEUE_FULL,
+                message=f"group {self.group!r} has {len(self.queue)} queued and {admitting} arriving "
+                f"requests (bound {self.max_queue}); retry later",
+            )
+        if not self.in_recovery(now_s) and not self.live_workers(now_s, model):
+            return ErrorInfo(code=ErrorCode.NO_WORKER, message=f"no live worker serves model {model!r}")
+        return None
+
+    def enqueue(self, job: Job, now_s: float) -> None:
+        """Queue an accepted job."""
+        self.arrivals += 1
+        self.jobs[job.request_id] = JobState(job=job, status=JobStatus.QUEUED)
+        self.queue.add(self._queued(job))
+
+    @staticmethod
+    def _queued(job: Job) -> QueuedRequest:
+        return QueuedRequest(
+            request_id=job.request_id,
+            arrival_s=job.accepted_at_s,
+            predicted_exec_ms=job.predicted_exec_ms,
+            payload=job,
+        )
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def take(self, worker_id: str, free_slots: int, now_s: float) -> list[Job]:
+        """Hand up to free_slots queued jobs this worker can serve to it."""
+        worker = self.workers.get(worker_id)
+        if worker is None or free_slots <= 0:
+            return []
+        taken: list[Job] = []
+        skipped: list[QueuedRequest] = []
+        while len(taken) < free_slots:
+            req = self.queue.pop(now_s)
+            if req is None:
+                break
+            job: Job = req.payload
+            if job.model not in worker.models:
+                skipped.append(req)  # another worker of the group serves it
+                continue
+            state = self.jobs[job.request_id]
+            state.status = JobStatus.RUNNING
+            state.worker_id = worker_id
+            state.dispatched_at_s = now_s
+            state.emitted_tokens = 0
+            job.dispatched_at_s = now_s
+            worker.running.add(job.request_id)
+            taken.append(job)
+        for req in skipped:
+            self.queue.add(req)
+        return taken
+
+    def has_work_for(self, worker_id: str) -> bool:
+        """Whether a queued job could go to this worker."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        return any(r.payload.model in worker.models for r in self.queue)
+
+    # -- worker reports --------------------------------------------------------------------------
+    def on_heartbeat(self, hb: WorkerHeartbeat, now_s: float) -> list[str]:
+        """Refresh a worker's lease and reconcile its in-flight set; returns ids it already finished."""
+        w = self.workers.get(hb.worker_id)
+        if w is None:
+            w = WorkerState(
+                worker_id=hb.worker_id,
+                node=hb.node,
+                gpu=hb.gpu,
+                models=frozenset(hb.models),
+                slots=hb.slots,
+                last_seen_s=now_s,
+            )
+            self.workers[hb.worker_id] = w
+        w.last_seen_s = now_s
+        w.slots = hb.slots
+        w.models = frozenset(hb.models)
+        listed = {i.request_id for i in hb.inflight}
+        for info in hb.inflight:
+            state = self.jobs.get(info.request_id)
+            if state is None:
+                continue
+            if state.status is not JobStatus.RUNNING or state.worker_id != hb.worker_id:
+                # Recovered after a scheduler restart, or re-dispatched too eagerly: the worker has it.
+                self._unqueue(state)
+                state.status = JobStatus.RUNNING
+                state.worker_id = hb.worker_id
+                state.dispatched_at_s = state.dispatched_at_s or now_s
+                w.running.add(info.request_id)
+            state.emitted_tokens = info.emitted_tokens
+        # A dispatch the worker never received (lost reply) goes back to the queue.
+        for rid in list(w.running):
+            state = self.jobs.get(rid)
+            if state is None or state.worker_id != hb.worker_id:
+                w.running.discard(rid)
+                continue
+            dispatched = state.dispatched_at_s or now_s
+            if (
+                rid not in listed
+                and rid not in hb.unconfirmed_done
+                and now_s - dispatched > self.worker_lease_s
+            ):
+                w.running.discard(rid)
+                self._requeue(state)
+        return [rid for rid in hb.unconfirmed_done if rid in self.jobs]
+
+    def on_done(self, request_id: str) -> Job | None:
+        """A worker finished a job; returns it if it was still open (idempotent)."""
+        state = self.jobs.pop(request_id, None)
+        self._remember_completed(request_id)
+        if state is None:
+            return None
+        self._unqueue(state)
+        if state.worker_id is not None and state.worker_id in self.workers:
+            self.workers[state.worker_id].running.discard(request_id)
+        self.completions += 1
+        return state.job
+
+    def is_completed(self, request_id: str) -> bool:
+        """Finished recently (its JetStream message may still need an ack)."""
+        return request_id in self.completed
+
+    def _remember_completed(self, request_id: str) -> None:
+        self.completed[request_id] = None
+        self.completed.move_to_end(request_id)
+        while len(self.completed) > _COMPLETED_MEMORY:
+            self.completed.popitem(last=False)
+
+    def _unqueue(self, state: JobState) -> None:
+        if state.status is JobStatus.QUEUED:
+            self.queue.remove(state.job.request_id)
+
+    def _requeue(self, state: JobState) -> None:
+        state.status = JobStatus.QUEUED
+        state.worker_id = None
+        state.dispatched_at_s = None
+        state.job.attempt += 1
+        self.queue.add(self._queued(state.job))
+
+    # -- cancellation, recovery, expiry ------------------------------------------------------------
+    def cancel(self, request_id: str) -> tuple[Job | None, str | None]:
+        """Drop a queued job (returned) or name the worker running it (to forward the cancel)."""
+        state = self.jobs.get(request_id)
+        if state is None:
+            return None, None
+        if state.status is JobStatus.RUNNING:
+            return None, state.worker_id
+        self.on_done(request_id)
+        return state.job, None
+
+    def recover(self, job: Job) -> None:
+        """A job redelivered by JetStream that this process did not admit (it restarted)."""
+        if job.request_id in self.jobs:
+            return
+        self.arrivals += 1
+        self.jobs[job.request_id] = JobState(job=job, status=JobStatus.RECOVERING)
+
+    def release_recovered(self) -> int:
+        """After the grace period: recovered jobs no worker claimed go back to the queue."""
+        n = 0
+        for state in self.jobs.values():
+            if state.status is JobStatus.RECOVERING:
+                state.status = JobStatus.QUEUED
+                self.queue.add(self._queued(state.job))
+                n += 1
+        return n
+
+    def expire(self, now_s: float) -> ExpireResult:
+        """Handle lost workers (re-dispatch or fail their jobs) and queued jobs past their deadline."""
+        requeued: list[str] = []
+        failed: list[Failure] = []
+        lost = [w for w in self.workers.values() if now_s - w.last_seen_s > self.worker_lease_s]
+        for w in lost:
+            del self.workers[w.worker_id]
+            for rid in sorted(w.running):
+                state = self.jobs.get(rid)
+                if state is None or state.worker_id != w.worker_id:
+                    continue
+                job = state.job
+                streamed = job.generate is not None and job.generate.stream and state.emitted_tokens > 0
+                if streamed or job.attempt >= self.max_attempts:
+                    why = (
+                        f"after streaming {state.emitted_tokens} tokens"
+                        if streamed
+                        else f"after {job.attempt} attempts"
+                    )
+                    self.on_done(rid)
+                    failed.append(
+                        Failure(
+                            job=job,
+                            error=ErrorInfo(
+                                code=ErrorCode.WORKER_LOST,
+                                message=f"worker {w.worker_id} was lost {why}; please retry",
+                            ),
+                        )
+                    )
+                else:
+                    self._requeue(state)
+                    requeued.append(rid)
+        for req in list(self.queue):
+            job = req.payload
+            if job.deadline_s is not None and now_s > job.deadline_s:
+                self.on_done(job.request_id)
+                failed.append(
+                    Failure(
+                        job=job,
+                        error=ErrorInfo(code=ErrorCode.TIMEOUT, message="request timed out while queued"),
+                    )
+                )
+        return ExpireResult(requeued=requeued, failed=failed, lost_workers=[w.worker_id for w in lost])
+
+    # -- telemetry -------------------------------------------------------------------------------
+    def telemetry(self, now_s: float, interval_s: float, arrivals: int, completions: int) -> QueueTelemetry:
+        """A snapshot for powerd and dashboards."""
+        oldest = self.queue.oldest_arrival_s()
+        running = [s for s in self.jobs.values() if s.status is JobStatus.RUNNING]
+        running_work_ms = 0.0
+        for s in running:
+            elapsed_ms = (now_s - (s.dispatched_at_s or now_s)) * 1000.0
+            running_work_ms += max(s.job.predicted_exec_ms - elapsed_ms, 0.0)
+        recovering = sum(1 for s in self.jobs.values() if s.status is JobStatus.RECOVERING)
+        return QueueTelemetry(
+            group=self.group,
+            ts_s=now_s,
+            depth=len(self.queue) + recovering,
+            running=len(running),
+            predicted_work_ms=self.queue.predicted_work_ms,
+            running_work_ms=running_work_ms,
+            oldest_wait_ms=0.0 if oldest is None else max(now_s - oldest, 0.0) * 1000.0,
+            arrivals_per_s=arrivals / interval_s if interval_s > 0 else 0.0,
+            completions_per_s=completions / interval_s if interval_s > 0 else 0.0,
+            workers=[
+                WorkerRef(worker_id=w.worker_id, node=w.node, gpu=w.gpu, slots=w.slots)
+                for w in self.live_workers(now_s)
+            ],
+            policy=self.queue.policy.value,
+        )
