@@ -302,8 +302,8 @@ class CompletionRecord(Wire):
     model: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str | None
-    prediction: Prediction | None
+    finish_reason: str | None = None
+    prediction: Prediction | None = None
     queue_ms: float
     exec_ms: float
 
@@ -352,8 +352,8 @@ class StepTelemetry(Wire):
     busy_ms: float
     tokens: int
     mean_batch: float
-    p50_step_ms: float | None
-    max_step_ms: float | None
+    p50_step_ms: float | None = None
+    max_step_ms: float | None = None
     slowdown: float
 
 
@@ -370,5 +370,5 @@ class PowerTelemetry(Wire):
     energy_j: float
     utilization: float
     simulated: bool
-    profile: str | None
+    profile: str | None = None
     policy: str

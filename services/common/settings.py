@@ -123,6 +123,8 @@ class WorkerSettings(BaseModel):
     noop_tokens: int = Field(default=4, ge=1)
     # Stretch each step by the simulated GPU's slowdown at its current clock.
     simulate_clock: bool = True
+    # On SIGTERM, running jobs get this long to finish before the worker exits.
+    drain_s: float = Field(default=10.0, ge=0.0)
 
 
 class PredictorSettings(BaseModel):

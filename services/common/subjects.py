@@ -7,7 +7,7 @@ import re
 PREFIX = "muserve.v1"
 
 # Tokens of a subject must not contain separators or wildcards.
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]+")
 
 JOBS_STREAM = "MUSERVE_JOBS"
 PREDICT = f"{PREFIX}.predict"
@@ -23,7 +23,7 @@ EMBED_ALL = f"{PREFIX}.embed.*"
 
 def check_token(value: str, what: str = "name") -> str:
     """Return value if it is usable as one subject token, else raise ValueError."""
-    if not _TOKEN_RE.match(value):
+    if not _TOKEN_RE.fullmatch(value):
         raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_-]+ (it becomes a NATS subject token)")
     return value
 

@@ -31,10 +31,11 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    logprobs: None = Field(default=None, description="logprobs are not supported")
+    logprobs: Literal[False] | None = Field(default=None, description="logprobs are not supported")
     # muserve extensions
     ignore_eos: bool = False
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    timeout_s: float | None = Field(default=None, gt=0.0, description="deadline (capped by the gateway's)")
 
     @field_validator("stop")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -335,7 +336,7 @@ def build_app(gw: Gateway) -> web.Application:
             seed=req_body.seed,
             ignore_eos=req_body.ignore_eos,
             stream=req_body.stream,
-            timeout_s=settings.gateway.request_timeout_s,
+            timeout_s=min(req_body.timeout_s or math.inf, settings.gateway.request_timeout_s),
         )
         status = 200
         metrics.inflight.inc()
@@ -369,7 +370,7 @@ def build_app(gw: Gateway) -> web.Application:
             metrics.energy.labels(wire.model, str(bool(u.energy_simulated)).lower()).inc(u.energy_j)
 
     async def unary_generate(wire: GenerateRequest, chat: bool, t0: float) -> web.Response:
-        deadline = t0 + settings.gateway.request_timeout_s
+        deadline = t0 + (wire.timeout_s or settings.gateway.request_timeout_s)
         parts: list[str] = []
         async with gw.exchange(subjects.generate(wire.model or ""), encode(wire)) as ex:
             try:
@@ -397,7 +398,7 @@ def build_app(gw: Gateway) -> web.Application:
     async def stream_generate(
         request: web.Request, wire: GenerateRequest, chat: bool, include_usage: bool, t0: float
     ) -> web.StreamResponse:
-        deadline = t0 + settings.gateway.request_timeout_s
+        deadline = t0 + (wire.timeout_s or settings.gateway.request_timeout_s)
         created = oa.now_s()
         model = wire.model or ""
         rid = wire.request_id

@@ -116,7 +116,8 @@ class GroupCore:
                 message=f"request_id {request_id!r} was already submitted",
                 param="request_id",
             )
-        if len(self.queue) + admitting >= self.max_queue:
+        recovering = sum(1 for st in self.jobs.values() if st.status is JobStatus.RECOVERING)
+        if len(self.queue) + recovering + admitting >= self.max_queue:
             return ErrorInfo(
                 code=ErrorCode.QUEUE_FULL,
                 message=f"group {self.group!r} has {len(self.queue)} queued and {admitting} arriving "
@@ -284,9 +285,14 @@ class GroupCore:
         return n
 
     def expire(self, now_s: float) -> ExpireResult:
-        """Handle lost workers (re-dispatch or fail their jobs) and queued jobs past their deadline."""
+        """Handle lost workers (re-dispatch or fail their jobs), jobs past their deadline or attempts."""
         requeued: list[str] = []
         failed: list[Failure] = []
+
+        def fail(job: Job, code: ErrorCode, message: str) -> None:
+            self.on_done(job.request_id)
+            failed.append(Failure(job=job, error=ErrorInfo(code=code, message=message)))
+
         lost = [w for w in self.workers.values() if now_s - w.last_seen_s > self.worker_lease_s]
         for w in lost:
             del self.workers[w.worker_id]
@@ -296,35 +302,32 @@ class GroupCore:
                     continue
                 job = state.job
                 streamed = job.generate is not None and job.generate.stream and state.emitted_tokens > 0
-                if streamed or job.attempt >= self.max_attempts:
-                    why = (
-                        f"after streaming {state.emitted_tokens} tokens"
-                        if streamed
-                        else f"after {job.attempt} attempts"
+                if job.deadline_s is not None and now_s > job.deadline_s:
+                    fail(job, ErrorCode.TIMEOUT, "request timed out (its worker was lost)")
+                elif streamed:
+                    fail(
+                        job,
+                        ErrorCode.WORKER_LOST,
+                        f"worker {w.worker_id} was lost after streaming {state.emitted_tokens} tokens; retry",
                     )
-                    self.on_done(rid)
-                    failed.append(
-                        Failure(
-                            job=job,
-                            error=ErrorInfo(
-                                code=ErrorCode.WORKER_LOST,
-                                message=f"worker {w.worker_id} was lost {why}; please retry",
-                            ),
-                        )
+                elif job.attempt >= self.max_attempts:
+                    fail(
+                        job,
+                        ErrorCode.WORKER_LOST,
+                        f"worker {w.worker_id} was lost; gave up after {job.attempt} attempts",
                     )
                 else:
                     self._requeue(state)
                     requeued.append(rid)
-        for req in list(self.queue):
-            job = req.payload
+        for state in list(self.jobs.values()):
+            if state.status is JobStatus.RUNNING:
+                continue
+            job = state.job
             if job.deadline_s is not None and now_s > job.deadline_s:
-                self.on_done(job.request_id)
-                failed.append(
-                    Failure(
-                        job=job,
-                        error=ErrorInfo(code=ErrorCode.TIMEOUT, message="request timed out while queued"),
-                    )
-                )
+                fail(job, ErrorCode.TIMEOUT, "request timed out while queued")
+            elif job.attempt > self.max_attempts:
+                # Re-queued by lost dispatches (on_heartbeat) more often than allowed.
+                fail(job, ErrorCode.WORKER_LOST, f"dispatched {job.attempt - 1} times without result")
         return ExpireResult(requeued=requeued, failed=failed, lost_workers=[w.worker_id for w in lost])
 
     # -- telemetry -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ class QueuedRequest:
     arrival_s: float
     predicted_exec_ms: float
     payload: Any = None
-    seq: int = field(default=0, compare=False)
+    # Insertion order, assigned by the queue on first add; kept when a request is put back.
+    seq: int = field(default=-1, compare=False)
 
     def sjf_key(self) -> tuple[float, float, int]:
         """Shortest predicted first; ties by arrival."""
@@ -71,9 +72,10 @@ class RequestQueue(ABC):
         self._work_ms = 0.0
 
     def add(self, req: QueuedRequest) -> None:
-        """Enqueue (a request id already queued is replaced)."""
+        """Enqueue (a request id already queued is replaced); a request put back keeps its place."""
         self.remove(req.request_id)
-        req.seq = next(self._seq)
+        if req.seq < 0:
+            req.seq = next(self._seq)
         self._alive[req.request_id] = req
         self._work_ms += req.predicted_exec_ms
         self._by_arrival.push(req.fcfs_key(), req)

@@ -10,6 +10,7 @@ import statistics
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +82,6 @@ class StepLoop:
         self._aborts: list[str] = []
         self._wake = threading.Event()
         self._stop = False
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def add(self, seq: Any) -> None:
         """Hand a sequence to the engine thread."""
@@ -106,7 +106,8 @@ class StepLoop:
         self._stop = True
         self._wake.set()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step until stopped (runs on the worker's torch thread)."""
         while not self._stop:
             with self._lock:
                 adds, self._adds = self._adds, []
@@ -159,6 +160,7 @@ class Worker:
         self.tasks = TaskSet()
         self.loop = asyncio.get_running_loop()
         self.slot_freed = asyncio.Event()
+        self.drained = asyncio.Event()  # set whenever no job is running
         self.engine: Any = None
         self.tokenizer: Any = None
         self.embedder: Any = None
@@ -174,20 +176,26 @@ class Worker:
         }
         self.totals = {"jobs": 0, "tokens": 0, "energy_j": 0.0}
         self.stopping = False
+        # Every torch call of this process runs on this one thread (see load()).
+        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
 
     # -- set-up ------------------------------------------------------------------------------
     async def load(self) -> None:
-        """Load the model off the event loop (it takes seconds)."""
+        """Load the model on the torch thread (it takes seconds), then start stepping there."""
         if self.kind == "noop":
             return
+        await asyncio.get_running_loop().run_in_executor(self.torch_thread, self._load_sync)
+        if self.step_loop is not None:
+            # Same OS thread as the load: torch runs ~1.6x slower in a thread other than its first one.
+            self.torch_thread.submit(self.step_loop.run)
+
+    def _load_sync(self) -> None:
+        from services.worker.catalog import resolve_model_dir
+
         if self.cfg.threads:
             import torch
 
             torch.set_num_threads(self.cfg.threads)
-        await asyncio.to_thread(self._load_sync)
-
-    def _load_sync(self) -> None:
-        from services.worker.catalog import resolve_model_dir
 
         path = resolve_model_dir(self.spec, self.settings.cache, log=log.info)
         if self.kind == "embedding":
@@ -203,8 +211,6 @@ class Worker:
         self.engine = ContinuousBatchingEngine(
             model, tok, max_seqs=self.cfg.max_seqs, max_context_tokens=self.spec.max_context_tokens
         )
-        self.step_loop = StepLoop(self.engine, self.clock, self.spec.sensitivity, self._on_step_threadsafe)
-        self.step_loop.thread.start()
         # Warm-up so the first request does not pay one-off costs.
         from services.worker.engine import SamplingParams, SeqRequest
 
@@ -212,6 +218,7 @@ class Worker:
         self.engine.add(SeqRequest("warmup", list(ids), SamplingParams(max_tokens=2, temperature=0.0)))
         while self.engine.has_work:
             self.engine.step()
+        self.step_loop = StepLoop(self.engine, self.clock, self.spec.sensitivity, self._on_step_threadsafe)
 
     async def start(self) -> None:
         """Subscribe and start loops."""
@@ -455,6 +462,8 @@ class Worker:
         now = time.time()
         job = act.job
         self.active.pop(job.request_id, None)
+        if not self.active:
+            self.drained.set()
         usage = self._usage(act, now)
         gen = job.generate
         stream = gen is not None and gen.stream
@@ -558,7 +567,9 @@ class Worker:
                 texts.extend(act.job.embed.input)
             t0 = time.perf_counter()
             try:
-                vectors, counts = await asyncio.to_thread(self.embedder.embed, texts)
+                vectors, counts = await asyncio.get_running_loop().run_in_executor(
+                    self.torch_thread, self.embedder.embed, texts
+                )
             except Exception as exc:
                 log.exception("embedding failed")
                 for act in batch:
@@ -685,11 +696,20 @@ class Worker:
             await self.nc.publish(subject, encode(tel))
 
     async def stop(self) -> None:
-        """Stop pulling; finish nothing more (the scheduler re-dispatches what we held)."""
+        """Stop pulling; running jobs get up to drain_s to finish (the scheduler re-dispatches the rest)."""
         self.stopping = True
+        self.drained.clear()
+        if self.active:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), self.cfg.drain_s)
+        if self.active:
+            log.warning(
+                "stopping with %d jobs unfinished; the scheduler re-dispatches them", len(self.active)
+            )
         if self.step_loop is not None:
             self.step_loop.stop()
         await self.tasks.cancel_all()
+        self.torch_thread.shutdown(wait=False)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -22,6 +22,18 @@ def req(rid: str, arrival_s: float = 0.0, predicted_exec_ms: float = 10.0) -> Qu
     return QueuedRequest(request_id=rid, arrival_s=arrival_s, predicted_exec_ms=predicted_exec_ms)
 
 
+def peek_id(q: RequestQueue, now_s: float) -> str | None:
+    """Id of the request pop() would return at now_s."""
+    r = q.peek(now_s)
+    return None if r is None else r.request_id
+
+
+def pop_id(q: RequestQueue, now_s: float) -> str | None:
+    """Pop at now_s; the popped id."""
+    r = q.pop(now_s)
+    return None if r is None else r.request_id
+
+
 def drain(q: RequestQueue, now_s: float = 0.0) -> list[str]:
     """Pop everything at one instant; the ids in pop order."""
     out: list[str] = []
@@ -40,7 +52,7 @@ def test_fcfs_pops_by_arrival_then_insertion_order() -> None:
     q.add(req("early", 0.5, 900.0))
     q.add(req("tie-2", 1.0, 2.0))
     assert q.policy is SchedulingPolicy.FCFS
-    assert q.peek(0.0) is not None and q.peek(0.0).request_id == "early"  # type: ignore[union-attr]
+    assert peek_id(q, 0.0) == "early"
     assert drain(q) == ["early", "tie-1", "tie-2", "late"]
     assert q.pop(0.0) is None
     assert q.peek(0.0) is None
@@ -50,7 +62,7 @@ def test_fcfs_ignores_predictions_and_time() -> None:
     q = FCFSQueue()
     q.add(req("long", 0.0, 10_000.0))
     q.add(req("short", 0.1, 1.0))
-    assert q.pop(1e9).request_id == "long"  # type: ignore[union-attr]
+    assert pop_id(q, 1e9) == "long"
 
 
 # -- SSJF --------------------------------------------------------------------------------------------
@@ -74,10 +86,10 @@ def test_ssjf_promoted_request_goes_first_most_overdue_first() -> None:
     q.add(req("b", 0.5, 200.0))  # promoted at 0.9 s
     q.add(req("c", 0.6, 1.0))  # promoted at 0.602 s
     assert q.promote_at_s(req("x", 0.0, 400.0)) == pytest.approx(0.8)
-    assert q.peek(0.6).request_id == "c"  # type: ignore[union-attr]  # nobody due: shortest
-    assert q.pop(0.6).request_id == "c"  # type: ignore[union-attr]
-    assert q.peek(0.79).request_id == "b"  # type: ignore[union-attr]  # nobody due: shortest
-    assert q.peek(0.8).request_id == "a"  # type: ignore[union-attr]  # "a" due: it overtakes "b"
+    assert peek_id(q, 0.6) == "c"  # nobody due: shortest
+    assert pop_id(q, 0.6) == "c"
+    assert peek_id(q, 0.79) == "b"  # nobody due: shortest
+    assert peek_id(q, 0.8) == "a"  # "a" due: it overtakes "b"
     # At 1.0 s both are due: the earlier promotion ("a", the longer one) first, then "b", then the rest.
     q.add(req("d", 1.0, 0.1))
     assert drain(q, 1.0) == ["a", "b", "d"]
@@ -90,8 +102,8 @@ def test_ssjf_max_wait_caps_the_aging_bound() -> None:
     assert q.promote_at_s(req("small", 1.0, 10.0)) == pytest.approx(1.08)  # 8 x 10 ms < cap
     q.add(huge)
     q.add(req("small", 1.2, 10.0))
-    assert q.peek(1.249).request_id == "small"  # type: ignore[union-attr]
-    assert q.peek(1.25).request_id == "huge"  # type: ignore[union-attr]
+    assert peek_id(q, 1.249) == "small"
+    assert peek_id(q, 1.25) == "huge"
 
 
 # -- shared container semantics ----------------------------------------------------------------------

@@ -182,7 +182,8 @@ def test_take_only_jobs_the_worker_serves_and_keeps_the_rest_in_order() -> None:
     taken = core.take("w1", 5, 10.0)
     assert ids(taken) == ["b", "d"]
     assert queued_ids(core) == ["a", "c", "e"]
-    assert [core.queue.pop(10.0).request_id for _ in range(3)] == ["a", "c", "e"]  # type: ignore[union-attr]
+    popped = [core.queue.pop(10.0) for _ in range(3)]
+    assert [r.request_id for r in popped if r is not None] == ["a", "c", "e"]
 
 
 def test_take_marks_jobs_running_on_the_worker() -> None:
@@ -263,9 +264,10 @@ def test_heartbeat_adopts_a_queued_job_the_worker_already_runs() -> None:
 def test_heartbeat_adopts_a_recovering_job() -> None:
     core = make_core(recovery_until_s=5.0)
     core.recover(make_job("a"))
-    assert core.jobs["a"].status is JobStatus.RECOVERING
+    state = core.jobs["a"]
+    assert [s.status for s in core.jobs.values()] == [JobStatus.RECOVERING]
     core.on_heartbeat(make_hb(inflight=[("a", 0)]), 1.0)
-    assert core.jobs["a"].status is JobStatus.RUNNING and core.jobs["a"].worker_id == "w1"
+    assert state.status is JobStatus.RUNNING and state.worker_id == "w1"
     assert core.release_recovered() == 0
     assert len(core.queue) == 0
 
@@ -497,3 +499,28 @@ def test_telemetry_oldest_wait_is_never_negative() -> None:
     core = make_core()
     core.enqueue(make_job("future", accepted_at_s=10.0), 10.0)  # clock skew between processes
     assert core.telemetry(9.0, 1.0, 0, 0).oldest_wait_ms == 0.0
+
+
+# -- documented defects ----------------------------------------------------------------------------
+
+
+def test_take_keeps_skipped_jobs_ahead_of_later_jobs_with_the_same_arrival() -> None:
+    """Skipped jobs get a new insertion seq, so ties on accepted_at_s (coarse clocks) reorder them."""
+    core = make_core()
+    core.on_heartbeat(make_hb(models=["y"]), 0.0)
+    for rid, model in [("A", "x"), ("C", "x"), ("B", "y"), ("D", "x")]:
+        core.enqueue(make_job(rid, model, accepted_at_s=0.0), 0.0)
+    assert ids(core.take("w1", 1, 0.0)) == ["B"]
+    popped = [core.queue.pop(0.0) for _ in range(3)]
+    assert [r.request_id for r in popped if r is not None] == ["A", "C", "D"]
+
+
+def test_expire_does_not_report_a_job_as_requeued_and_failed() -> None:
+    """A lost worker's job past its deadline is re-queued, then timed out in the same call."""
+    core = make_core()
+    core.on_heartbeat(make_hb(), 0.0)
+    core.enqueue(make_job("a", deadline_s=2.0), 0.0)
+    core.take("w1", 1, 0.0)
+    res = core.expire(5.0)
+    assert [f.job.request_id for f in res.failed] == ["a"]
+    assert res.requeued == []
