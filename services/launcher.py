@@ -40,6 +40,21 @@ def nats_server_binary() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the launcher dies (no orphaned services after kill -9)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Something already listens on this port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex((host, port)) == 0
+
+
 def wait_tcp(host: str, port: int, timeout_s: float) -> None:
     """Block until a TCP port accepts connections."""
     deadline = time.monotonic() + timeout_s
@@ -70,6 +85,11 @@ class EmbeddedNats:
 
     def start(self, timeout_s: float = 15.0) -> None:
         """Start and wait until it accepts clients."""
+        if port_in_use(self.port):
+            raise RuntimeError(
+                f"port {self.port} is already in use (a previous `muserve up`?): "
+                "pick another with --nats-port, or use that server with --nats-url"
+            )
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             nats_server_binary(),
@@ -87,7 +107,9 @@ class EmbeddedNats:
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=out, stderr=out, start_new_session=True, preexec_fn=_die_with_parent
+        )
         try:
             wait_tcp("127.0.0.1", self.port, timeout_s)
             self._wait_jetstream(timeout_s)
@@ -227,6 +249,7 @@ class Cluster:
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,  # Ctrl-C goes to us; we stop children in order
+            preexec_fn=_die_with_parent,
         )
         rs = RunningService(spec, proc, log_path)
         self.services.append(rs)
@@ -345,6 +368,8 @@ def run_up(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        if port_in_use(gateway_port):
+            raise RuntimeError(f"gateway port {gateway_port} is already in use: pick another with --port")
         cluster.start(default_topology(env, with_embeddings=with_embeddings, with_powerd=with_powerd))
         url = f"http://127.0.0.1:{gateway_port}"
         models = [settings.worker.model] + (
