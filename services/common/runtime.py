@@ -15,7 +15,9 @@ from typing import Any
 from nats.aio.client import Client
 
 from services import __version__
-from services.common import subjects
+from services.common import subjects, tracing
+from services.common.nats_conn import close_nats, connect
+from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +83,23 @@ async def register_discovery(
 
     await svc.add_endpoint(name="status", subject=subjects.status(service), handler=status)
     return svc
+
+
+ServeFn = Callable[[Settings, Client, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def service_main(name: str, serve: ServeFn) -> None:
+    """Entry point of `muserve <name>`: settings, logging, tracing and NATS around serve(), until SIGTERM."""
+    settings = Settings()
+    setup_logging(name, settings.log_level)
+
+    async def main(stop: asyncio.Event) -> None:
+        tracing.setup_tracing(name, settings.otel)
+        nc = await connect(settings.nats_url, f"muserve-{name}")
+        try:
+            await serve(settings, nc, stop)
+        finally:
+            await close_nats(nc)
+            tracing.shutdown_tracing()
+
+    run_service(main)

@@ -30,8 +30,8 @@ from pydantic import ValidationError
 
 from services.common import subjects, tracing
 from services.common.codec import CodecError, decode, encode, validation_error
-from services.common.nats_conn import close_nats, connect, is_no_responders
-from services.common.runtime import register_discovery, run_service, settle, setup_logging
+from services.common.nats_conn import is_no_responders
+from services.common.runtime import register_discovery, service_main, settle
 from services.common.schemas import (
     CancelRequest,
     EmbedRequest,
@@ -573,10 +573,8 @@ def build_app(gw: Gateway) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     """Run until stop is set."""
-    tracing.setup_tracing("gateway", settings.otel)
-    nc = await connect(settings.nats_url, "muserve-gateway")
     gw = Gateway(settings, nc)
     await gw.start()
     app = build_app(gw)
@@ -594,12 +592,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     )
     await stop.wait()
     await runner.cleanup()
-    await close_nats(nc)
-    tracing.shutdown_tracing()
 
 
-def main(settings: Settings | None = None) -> None:
+def main() -> None:
     """Entry point of `muserve gateway`."""
-    settings = settings or Settings()
-    setup_logging("gateway", settings.log_level)
-    run_service(lambda stop: serve(settings, stop))
+    service_main("gateway", serve)

@@ -13,10 +13,9 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from services.common import subjects, tracing
+from services.common import subjects
 from services.common.codec import CodecError, decode, encode
-from services.common.nats_conn import close_nats, connect
-from services.common.runtime import register_discovery, run_service, settle, setup_logging
+from services.common.runtime import register_discovery, service_main, settle
 from services.common.schemas import PowerTelemetry, QueueTelemetry, StepTelemetry
 from services.common.settings import Settings
 from services.powerd.gpu import GpuBackend, GpuError, make_gpu
@@ -178,10 +177,8 @@ class PowerDaemon:
                 gpu.close()
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     """Run until stop is set; clocks are reset however we leave."""
-    tracing.setup_tracing("powerd", settings.otel)
-    nc = await connect(settings.nats_url, "muserve-powerd")
     daemon = PowerDaemon(settings, nc)
     atexit.register(daemon.reset_all)
     try:
@@ -191,12 +188,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     finally:
         daemon.close()
         atexit.unregister(daemon.reset_all)
-        await close_nats(nc)
-        tracing.shutdown_tracing()
 
 
-def main(settings: Settings | None = None) -> None:
+def main() -> None:
     """Entry point of `muserve powerd`."""
-    settings = settings or Settings()
-    setup_logging("powerd", settings.log_level)
-    run_service(lambda stop: serve(settings, stop))
+    service_main("powerd", serve)

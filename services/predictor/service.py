@@ -8,12 +8,13 @@ import os
 import time
 from typing import Any
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.common import subjects, tracing
 from services.common.codec import CodecError, decode, encode
-from services.common.nats_conn import TaskSet, close_nats, concurrent, connect
-from services.common.runtime import register_discovery, run_service, settle, setup_logging
+from services.common.nats_conn import TaskSet, concurrent
+from services.common.runtime import register_discovery, service_main, settle
 from services.common.schemas import (
     CompletionRecord,
     ErrorCode,
@@ -46,17 +47,14 @@ def clip_text(text: str) -> str:
     return text[:half] + "\n...\n" + text[-half:]
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     """Run until stop is set."""
-    tracing.setup_tracing("predictor", settings.otel)
     predictor = build_predictor(settings)
     batcher = MicroBatcher(
         predictor, window_ms=settings.predictor.batch_window_ms, max_batch=settings.predictor.max_batch
     )
-    nc = await connect(settings.nats_url, "muserve-predictor")
     tasks = TaskSet()
     started = time.time()
-    log.info("predictor %s ready (pid %d)", predictor.ident, os.getpid())
 
     async def on_predict(msg: Msg) -> None:
         if not msg.reply:
@@ -95,14 +93,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await nc.subscribe(subjects.COMPLETIONS_ALL, cb=on_completion)
     await register_discovery(nc, "predictor", info)
     settle()
+    log.info("predictor %s ready (pid %d)", predictor.ident, os.getpid())
     await stop.wait()
-    await close_nats(nc)
     await tasks.cancel_all()
-    tracing.shutdown_tracing()
 
 
-def main(settings: Settings | None = None) -> None:
+def main() -> None:
     """Entry point of `muserve predictor`."""
-    settings = settings or Settings()
-    setup_logging("predictor", settings.log_level)
-    run_service(lambda stop: serve(settings, stop))
+    service_main("predictor", serve)

@@ -25,8 +25,8 @@ from services.common.jetstream import (
     jobs_consumer_config,
     jobs_stream_config,
 )
-from services.common.nats_conn import TaskSet, close_nats, concurrent, connect, is_no_responders
-from services.common.runtime import register_discovery, run_service, settle, setup_logging
+from services.common.nats_conn import TaskSet, concurrent, is_no_responders
+from services.common.runtime import register_discovery, service_main, settle
 from services.common.schemas import (
     CancelRequest,
     DoneAck,
@@ -644,22 +644,16 @@ def _size_error(req: GenerateRequest | EmbedRequest, spec: ModelSpec) -> ErrorIn
     return None
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     """Run until stop is set."""
-    tracing.setup_tracing("scheduler", settings.otel)
-    nc = await connect(settings.nats_url, "muserve-scheduler")
     js = nc.jetstream()
     sched = Scheduler(settings, nc, js)
     await sched.start()
     settle()
     await stop.wait()
     await sched.stop()
-    await close_nats(nc)
-    tracing.shutdown_tracing()
 
 
-def main(settings: Settings | None = None) -> None:
+def main() -> None:
     """Entry point of `muserve scheduler`."""
-    settings = settings or Settings()
-    setup_logging("scheduler", settings.log_level)
-    run_service(lambda stop: serve(settings, stop))
+    service_main("scheduler", serve)

@@ -22,8 +22,8 @@ from opentelemetry import trace
 
 from services.common import subjects, tracing
 from services.common.codec import CodecError, decode, encode
-from services.common.nats_conn import TaskSet, close_nats, connect
-from services.common.runtime import register_discovery, run_service, settle, setup_logging
+from services.common.nats_conn import TaskSet
+from services.common.runtime import register_discovery, service_main, settle
 from services.common.schemas import (
     CancelRequest,
     CompletionRecord,
@@ -712,22 +712,16 @@ class Worker:
         self.torch_thread.shutdown(wait=False)
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     """Run until stop is set."""
-    tracing.setup_tracing("worker", settings.otel)
-    nc = await connect(settings.nats_url, f"muserve-worker-{settings.worker.model}")
     worker = Worker(settings, nc)
     await worker.load()
     await worker.start()
     settle()
     await stop.wait()
     await worker.stop()
-    await close_nats(nc)
-    tracing.shutdown_tracing()
 
 
-def main(settings: Settings | None = None) -> None:
+def main() -> None:
     """Entry point of `muserve worker`."""
-    settings = settings or Settings()
-    setup_logging("worker", settings.log_level)
-    run_service(lambda stop: serve(settings, stop))
+    service_main("worker", serve)
