@@ -2,8 +2,9 @@
 
 Everything real except the model: HTTP gateway -> NATS -> scheduler (predictor call, JetStream persist,
 SSJF queue, worker pull) -> no-op worker -> token chunks streamed back through the gateway. Open-loop
-Poisson arrivals at each rate; side by side in the same run, two reference points: one NATS
-request/reply hop to the predictor service, and the raw NATS entry (no HTTP gateway).
+Poisson arrivals at each rate; side by side in the same run: a 1-token answer (the overhead per request),
+a 16-token stream (the cost per streamed token), the raw NATS entry (no HTTP gateway), and one NATS
+request/reply hop to the predictor service for scale.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from services.launcher import Cluster, ServiceSpec, free_port
 TARGET_P50_MS = 3.0
 TARGET_P99_MS = 10.0
 WARMUP_S = 2.0
+# Second gateway path: the answer streams back as this many chunks (per-token cost = the difference).
+STREAM_TOKENS = 16
 
 
 async def _http_one(
-    session: aiohttp.ClientSession, url: str, stream: bool, out: list[float], errs: list[str]
+    session: aiohttp.ClientSession, url: str, tokens: int, out: list[float], errs: list[str]
 ) -> None:
-    body = {"model": DEFAULT_CHAT_MODEL, "prompt": "hello", "max_tokens": 4, "stream": stream}
+    body = {"model": DEFAULT_CHAT_MODEL, "prompt": "hello", "max_tokens": tokens, "stream": True}
     t0 = time.perf_counter()
     try:
         async with session.post(url, json=body) as resp:
@@ -43,7 +46,7 @@ async def _http_one(
             if resp.status != 200:
                 errs.append(f"HTTP {resp.status}: {data[:200]!r}")
                 return
-            if stream and not data.rstrip().endswith(b"data: [DONE]"):
+            if not data.rstrip().endswith(b"data: [DONE]") or data.count(b"data: ") < tokens + 1:
                 errs.append("stream did not end with [DONE]")
                 return
     except Exception as exc:
@@ -101,17 +104,23 @@ async def _open_loop(
     return lat, errs, n / duration_s
 
 
+PATHS = ("gateway", f"gateway_{STREAM_TOKENS}tok", "nats_entry", "nats_hop")
+
+
 async def _measure(
-    gateway: str, nats_url: str, rates: list[float], duration_s: float, repeats: int, stream: bool, echo: Any
+    gateway: str, nats_url: str, rates: list[float], duration_s: float, repeats: int, echo: Any
 ) -> dict[str, Any]:
     url = f"{gateway}/v1/completions"
     conn = aiohttp.TCPConnector(limit=512)
     nc = await nats.connect(nats_url)
-    results: dict[str, Any] = {"gateway": {}, "nats_entry": {}, "nats_hop": {}}
+    results: dict[str, Any] = {name: {} for name in PATHS}
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as session:
 
         def http_fire(lat: list[float], errs: list[str]) -> Any:
-            return _http_one(session, url, stream, lat, errs)
+            return _http_one(session, url, 1, lat, errs)
+
+        def stream_fire(lat: list[float], errs: list[str]) -> Any:
+            return _http_one(session, url, STREAM_TOKENS, lat, errs)
 
         def entry_fire(lat: list[float], errs: list[str]) -> Any:
             return _nats_entry_one(nc, lat, errs)
@@ -122,11 +131,7 @@ async def _measure(
         await _open_loop(http_fire, 50.0, WARMUP_S, seed=0)  # warm connections, JIT caches, JetStream
         for rep in range(repeats):
             for rate in rates:
-                for name, fire in (
-                    ("gateway", http_fire),
-                    ("nats_entry", entry_fire),
-                    ("nats_hop", hop_fire),
-                ):
+                for name, fire in zip(PATHS, (http_fire, stream_fire, entry_fire, hop_fire), strict=True):
                     lat, errs, achieved = await _open_loop(
                         fire, rate, duration_s, seed=1000 * rep + int(rate)
                     )
@@ -147,7 +152,7 @@ async def _measure(
                         }
                     )
                     echo(
-                        f"  repeat {rep + 1}/{repeats} {rate:>5.0f} req/s {name:<10}: "
+                        f"  repeat {rep + 1}/{repeats} {rate:>5.0f} req/s {name:<13}: "
                         f"p50 {pct(lat, 50):6.2f} ms"
                         f"  p99 {pct(lat, 99):6.2f} ms  ({len(lat)} ok, {len(errs)} errors)"
                     )
@@ -193,35 +198,41 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """The report."""
+    streamed = f"gateway_{STREAM_TOKENS}tok"
     lines = [
         "# Control-plane overhead (no-op worker)",
         "",
         f"Measured {meta['machine']['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores), "
         f"commit `{meta['machine']['commit']}`, load average before the run {meta['load_before']:.2f}.",
-        f"Open-loop Poisson arrivals, {meta['duration_s']:.0f} s per rate, {meta['repeats']} repeats "
-        f"(figures are medians over repeats), streaming={meta['stream']}. Reproduce: `{meta['command']}`.",
+        f"Open-loop Poisson arrivals, {meta['duration_s']:.0f} s per rate and path, {meta['repeats']} "
+        f"repeats (figures are medians over repeats). Reproduce: `{meta['command']}`.",
         "",
-        "Path measured by `gateway`: HTTP POST /v1/completions (stream) -> gateway -> NATS -> scheduler "
-        "(admission, JetStream persist, predictor request, SSJF queue, parked worker pull) -> no-op worker "
-        "-> 4 token chunks + final chunk -> gateway -> SSE response complete at the client. When a worker "
-        "is idle the scheduler dispatches without waiting for the prediction (see docs/architecture.md). "
-        "`nats_entry` is the same without HTTP (raw NATS request on the entry subject); `nats_hop` is one "
-        "NATS request/reply to the predictor service, for scale. The load generator runs on the same "
-        "2 cores as every service.",
+        "Paths, all through real processes on this machine (the load generator shares its 2 cores):",
         "",
-        f"Target: gateway p50 <= {TARGET_P50_MS:g} ms and p99 <= {TARGET_P99_MS:g} ms at 200 req/s.",
+        "- `gateway`: HTTP POST /v1/completions with `stream: true`, `max_tokens: 1` -> gateway -> NATS -> "
+        "scheduler (admission, JetStream persist, predictor request, SSJF queue, parked worker pull) -> "
+        "no-op worker -> the token and the final chunk -> gateway -> SSE response complete at the client. "
+        "When a worker is idle the scheduler dispatches without waiting for the prediction "
+        "(docs/architecture.md). This is the control-plane overhead per request.",
+        f"- `{streamed}`: the same with `max_tokens: {STREAM_TOKENS}`: {STREAM_TOKENS} token chunks "
+        "stream back; the difference to `gateway` is the cost of streaming.",
+        "- `nats_entry`: the same request as a raw NATS request on the entry subject (no HTTP).",
+        "- `nats_hop`: one NATS request/reply to the predictor service, for scale.",
         "",
-        "| rate (req/s) | gateway p50 | gateway p99 | nats_entry p50 | nats_entry p99 | nats_hop p50 | "
-        "nats_hop p99 | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Target: `gateway` p50 <= {TARGET_P50_MS:g} ms and p99 <= {TARGET_P99_MS:g} ms at 200 req/s.",
+        "",
+        f"| rate (req/s) | gateway p50 | gateway p99 | {streamed} p50 | {streamed} p99 | per extra token "
+        "| nats_entry p50 | nats_entry p99 | nats_hop p50 | nats_hop p99 | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     g = summary["gateway"]
     for rate in g:
-        e = summary["nats_entry"][rate]
-        h = summary["nats_hop"][rate]
-        errs = g[rate]["errors"] + e["errors"] + h["errors"]
+        st, e, h = summary[streamed][rate], summary["nats_entry"][rate], summary["nats_hop"][rate]
+        errs = g[rate]["errors"] + st["errors"] + e["errors"] + h["errors"]
+        per_token = (st["p50_ms_median"] - g[rate]["p50_ms_median"]) / (STREAM_TOKENS - 1)
         lines.append(
             f"| {rate} | {g[rate]['p50_ms_median']:.2f} ms | {g[rate]['p99_ms_median']:.2f} ms | "
+            f"{st['p50_ms_median']:.2f} ms | {st['p99_ms_median']:.2f} ms | {per_token * 1000:.0f} µs | "
             f"{e['p50_ms_median']:.2f} ms | {e['p99_ms_median']:.2f} ms | {h['p50_ms_median']:.2f} ms | "
             f"{h['p99_ms_median']:.2f} ms | {errs} |"
         )
@@ -231,7 +242,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += [
             "",
             f"At 200 req/s: p50 {top['p50_ms_median']:.2f} ms, p99 {top['p99_ms_median']:.2f} ms -> "
-            f"target {'met' if ok else 'NOT met'}.",
+            f"target {'met' if ok else 'NOT met'}. Runs of the gateway path at 200 req/s (p50 / p99): "
+            + ", ".join(f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms" for r in meta["runs_200"])
+            + ".",
         ]
     lines += ["", "![latency CDF](overhead.png)", ""]
     return "\n".join(lines)
@@ -246,7 +259,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, style in (("gateway", "-"), ("nats_entry", "--")):
+    for name, style in (("gateway", "-"), (f"gateway_{STREAM_TOKENS}tok", "-."), ("nats_entry", "--")):
         for rate, runs in results[name].items():
             pooled = np.sort([x for r in runs for x in r["latencies_ms"]])
             if pooled.size:
@@ -273,7 +286,6 @@ def run_overhead(
     duration_s: float,
     repeats: int,
     out_dir: Path,
-    stream: bool = True,
     echo: Any = print,
     idle_timeout_s: float = 60.0,
 ) -> int:
@@ -312,7 +324,7 @@ def run_overhead(
         except ImportError:
             pass
         assert cluster.nats_url is not None
-        results = asyncio.run(_measure(gateway, cluster.nats_url, rates, duration_s, repeats, stream, echo))
+        results = asyncio.run(_measure(gateway, cluster.nats_url, rates, duration_s, repeats, echo))
     finally:
         cluster.stop()
     summary = summarize(results)
@@ -322,9 +334,11 @@ def run_overhead(
         "duration_s": duration_s,
         "repeats": repeats,
         "rates": rates,
-        "stream": stream,
+        "runs_200": [
+            {"p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]} for r in results["gateway"].get("200", [])
+        ],
         "command": " ".join(["muserve", "bench", "overhead", *sys.argv[3:]]),
-        "worker": "noop (4 tokens), max_seqs 512",
+        "worker": "noop (answers max_tokens tokens at once), max_seqs 512",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(results, out_dir / "overhead.png")

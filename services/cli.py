@@ -89,10 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench", required=True)
     ov = bsub.add_parser("overhead", parents=[common], help="control-plane latency with a no-op worker")
     ov.add_argument("--rates", default="50,100,200", help="request rates (req/s), comma separated")
-    ov.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
+    ov.add_argument("--duration", type=float, default=10.0, help="seconds per rate and path")
     ov.add_argument("--repeats", type=int, default=3, help="runs per rate (median reported)")
     ov.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
-    ov.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
 
@@ -140,11 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         from bench.overhead import run_overhead
 
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
-        sys.exit(
-            run_overhead(
-                rates, duration_s=args.duration, repeats=args.repeats, out_dir=args.out, stream=args.stream
-            )
-        )
+        sys.exit(run_overhead(rates, duration_s=args.duration, repeats=args.repeats, out_dir=args.out))
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ class WorkerSettings(BaseModel):
     heartbeat_ms: float = Field(default=1000.0, gt=0.0)
     pull_wait_ms: float = Field(default=1000.0, gt=0.0)
     step_telemetry_ms: float = Field(default=500.0, gt=0.0)
-    # noop mode: tokens "generated" per request (control-plane overhead benchmark).
-    noop_tokens: int = Field(default=4, ge=1)
+    # noop mode (control-plane benchmark): a request gets min(max_tokens, this) tokens at once.
+    noop_max_tokens: int = Field(default=4096, ge=1)
     # Stretch each step by the simulated GPU's slowdown at its current clock.
     simulate_clock: bool = True
     # On SIGTERM, running jobs get this long to finish before the worker exits.

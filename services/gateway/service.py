@@ -403,6 +403,8 @@ def build_app(gw: Gateway) -> web.Application:
         model = wire.model or ""
         rid = wire.request_id
         resp: web.StreamResponse | None = None
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": rid}
+        started = False
         attempt: int | None = None
         finished = False
         async with gw.exchange(subjects.generate(model), encode(wire)) as ex:
@@ -423,17 +425,10 @@ def build_app(gw: Gateway) -> web.Application:
                     out = bytearray()
                     for msg in msgs:
                         chunk = decode(TokenChunk, msg.data)
-                        if resp is None:
+                        if resp is None and not started:
                             if chunk.error is not None:
                                 raise ApiError.from_wire(chunk.error)
-                            resp = web.StreamResponse(
-                                headers={
-                                    "Content-Type": "text/event-stream",
-                                    "Cache-Control": "no-cache",
-                                    "X-Request-Id": rid,
-                                }
-                            )
-                            await resp.prepare(request)
+                            started = True
                             metrics.ttft.labels(model).observe(time.monotonic() - t0)
                             if chat:
                                 out += sse(oa.chat_chunk(rid, model, "", None, created, role=True))
@@ -466,9 +461,15 @@ def build_app(gw: Gateway) -> web.Application:
                                 usage = oa.usage_json(chunk.usage, (time.monotonic() - t0) * 1000.0)
                                 out += sse(oa.usage_chunk(rid, model, usage, created, chat))
                             break
-                    assert resp is not None
                     if finished:
                         out += b"data: [DONE]\n\n"
+                    if resp is None:
+                        if finished:
+                            # The whole answer arrived before any byte went out: one plain response
+                            # (headers and body in one write, no chunked encoding).
+                            return web.Response(body=bytes(out), headers=headers)
+                        resp = web.StreamResponse(headers=headers)
+                        await resp.prepare(request)
                     await resp.write(bytes(out))
                 assert resp is not None
                 await resp.write_eof()

@@ -539,9 +539,9 @@ class Worker:
 
     # -- other job kinds -----------------------------------------------------------------------
     async def _run_noop(self, act: Active) -> None:
-        """Control-plane benchmark mode: answer at once without a model."""
-        n = self.cfg.noop_tokens
+        """Control-plane benchmark mode: answer at once without a model, max_tokens tokens of " tok"."""
         gen = act.job.generate
+        n = min(gen.max_tokens if gen is not None else 1, self.cfg.noop_max_tokens)
         act.first_token_s = time.time()
         if act.prefill_span is not None:
             act.prefill_span.end()

@@ -14,7 +14,7 @@ def test_overhead_bench_writes_json_markdown_png(tmp_path: Path) -> None:
     )
     assert code == 0
     report = json.loads((tmp_path / "overhead.json").read_text())
-    for path in ("gateway", "nats_entry", "nats_hop"):
+    for path in ("gateway", "gateway_16tok", "nats_entry", "nats_hop"):
         entry = report["summary"][path]["40"]
         assert entry["errors"] == 0 and entry["requests"] > 10 and entry["p50_ms_median"] > 0
     md = (tmp_path / "overhead.md").read_text()
