@@ -211,7 +211,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "- `gateway`: HTTP POST /v1/completions with `stream: true`, `max_tokens: 1` -> gateway -> NATS -> "
         "scheduler (admission, JetStream persist, predictor request, SSJF queue, parked worker pull) -> "
-        "no-op worker -> one final chunk carrying the token -> gateway -> SSE response complete at the client. "
+        "no-op worker -> one final chunk carrying the token -> gateway -> SSE response complete at the "
+        "client. "
         "When a worker is idle the scheduler dispatches without waiting for the prediction "
         "(docs/architecture.md). This is the control-plane overhead per request.",
         f"- `{streamed}`: the same with `max_tokens: {STREAM_TOKENS}`: {STREAM_TOKENS} token chunks "
