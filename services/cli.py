@@ -44,6 +44,30 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noop", action="store_true", help="no model: answer at once (control-plane benchmark)")
 
 
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """`muserve predictor` runs the service; its subcommands build and judge the model."""
+    psub = p.add_subparsers(dest="predictor_cmd", required=False)
+    col = psub.add_parser("collect", parents=[common], help="record a served model's output lengths")
+    col.add_argument(
+        "--prompts",
+        type=Path,
+        default=DATA / "alpaca_eval_prompts.jsonl",
+        help="AlpacaEval .jsonl (idx, instruction) or ShareGPT .json",
+    )
+    col.add_argument("--out", type=Path, help="JSONL to append to (default: <cache>/collect/<model>.jsonl)")
+    col.add_argument("--model", default=None, help="catalogue model (default: the worker's model)")
+    col.add_argument("--url", help="collect through this running muserve gateway instead of in-process")
+    col.add_argument("--max-tokens", type=int, default=2048)
+    col.add_argument("--temperature", type=float, default=0.7)
+    col.add_argument("--top-p", type=float, default=0.9)
+    col.add_argument("--seed", type=int, default=0)
+    col.add_argument("--batch", type=int, default=16, help="sequences at once (engine) / requests in flight")
+    col.add_argument("--limit", type=int, help="at most this many new prompts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands."""
     parser = argparse.ArgumentParser(prog="muserve", description="Power-aware model serving over NATS.")
@@ -79,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         if name == "gateway":
             p.add_argument("--port", type=int)
+        if name == "predictor":
+            _predictor_commands(p, common)
     worker = sub.add_parser("worker", parents=[common], help="serve one model on one GPU")
     _worker_flags(worker)
     worker.add_argument("--gpu", type=int)
@@ -101,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     env = _overrides(args)
     _apply(env)
     cmd = args.cmd
+    if cmd == "predictor" and args.predictor_cmd:
+        sys.exit(_predictor(args))
     if cmd in ("gateway", "scheduler", "predictor", "powerd", "worker"):
         from importlib import import_module
 
@@ -140,6 +168,47 @@ def main(argv: list[str] | None = None) -> None:
 
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
         sys.exit(run_overhead(rates, duration_s=args.duration, repeats=args.repeats, out_dir=args.out))
+
+
+def _predictor(args: argparse.Namespace) -> int:
+    """The predictor's offline commands."""
+    from services.common.settings import Settings
+
+    settings = Settings()
+    if args.predictor_cmd == "collect":
+        from services.predictor.collect import collect_engine, collect_http, read_prompts
+        from services.worker.catalog import resolve_model_dir
+
+        name = args.model or settings.worker.model
+        spec = settings.model(name)
+        if spec is None or spec.kind != "chat":
+            print(f"unknown chat model {name!r}", file=sys.stderr)
+            return 2
+        out = args.out or settings.cache / "collect" / f"{name}.jsonl"
+        prompts = read_prompts(args.prompts)
+        common = dict(
+            model_name=name,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            limit=args.limit,
+        )
+        if args.url:
+            n = collect_http(prompts, out, url=args.url, concurrency=args.batch, **common)  # type: ignore[arg-type]
+        else:
+            model_dir = resolve_model_dir(spec, settings.cache)
+            n = collect_engine(
+                prompts,
+                out,
+                model_dir=model_dir,
+                batch=args.batch,  # type: ignore[arg-type]
+                dtype=settings.worker.dtype,
+                **common,
+            )
+        print(f"collected {n} new answers into {out}")
+        return 0
+    return 2
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ class LengthPredictor(ABC):
     def predict(self, items: Sequence[PredictItem]) -> list[Prediction]:
         """One prediction per item, in order."""
 
-    def observe(self, model: str, completion_tokens: int) -> None:  # noqa: B027 - optional hook
-        """Learn from a finished request's true length (optional)."""
+    def observe(  # noqa: B027 - optional hook
+        self, model: str, completion_tokens: int, prediction: Prediction | None = None
+    ) -> None:
+        """Learn from a finished request's true length (and what was predicted for it), optionally."""
 
 
 class MedianLengthPredictor(LengthPredictor):
@@ -79,7 +81,7 @@ class MedianLengthPredictor(LengthPredictor):
             )
         return out
 
-    def observe(self, model: str, completion_tokens: int) -> None:
+    def observe(self, model: str, completion_tokens: int, prediction: Prediction | None = None) -> None:
         """Add a true length to the model's sliding window."""
         if completion_tokens <= 0:
             return

@@ -79,7 +79,7 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
         except CodecError:
             return
         if rec.finish_reason in ("stop", "length"):
-            predictor.observe(rec.model, rec.completion_tokens)
+            predictor.observe(rec.model, rec.completion_tokens, rec.prediction)
 
     def info() -> dict[str, Any]:
         return {
