@@ -130,9 +130,15 @@ class WorkerSettings(BaseModel):
 class PredictorSettings(BaseModel):
     """Length predictor service."""
 
+    # "proxy": the trained MiniLM proxy model; "median": the per-model median baseline.
+    kind: Literal["proxy", "median"] = "proxy"
+    # Artifact folder of the proxy model (None: the one shipped in services/predictor/artifacts/default).
+    artifact: Path | None = None
+    threads: int | None = Field(default=None, ge=1)
     # 0 = opportunistic batching: run at once when idle, batch whatever arrived while busy.
     batch_window_ms: float = Field(default=0.0, ge=0.0)
     max_batch: int = Field(default=64, ge=1)
+    # Class edges of the median baseline (the proxy model brings its own, learnt from its training set).
     edges_tokens: list[int] = Field(default_factory=lambda: [96, 265, 451, 1039])
 
     @field_validator("edges_tokens")

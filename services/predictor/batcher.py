@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 from services.common.schemas import Prediction, PredictItem
 from services.predictor.base import LengthPredictor
@@ -18,13 +19,13 @@ class MicroBatcher:
         *,
         window_ms: float = 0.0,
         max_batch: int = 64,
-        offload: bool = False,
+        executor: Executor | None = None,
     ) -> None:
         self.predictor = predictor
         self.window_s = window_ms / 1000.0
         self.max_batch = max_batch
-        # Heavy models run in a thread so the event loop keeps receiving requests meanwhile.
-        self.offload = offload
+        # Heavy models run on an executor (one thread for torch) so the loop keeps receiving requests.
+        self.executor = executor
         self._pending: list[tuple[Sequence[PredictItem], asyncio.Future[list[Prediction]]]] = []
         self._running = False
         self.batches = 0
@@ -52,8 +53,9 @@ class MicroBatcher:
                     n += len(entry[0])
                 flat = [item for items, _ in batch for item in items]
                 try:
-                    if self.offload:
-                        preds = await asyncio.to_thread(self.predictor.predict, flat)
+                    if self.executor is not None:
+                        loop = asyncio.get_running_loop()
+                        preds = await loop.run_in_executor(self.executor, self.predictor.predict, flat)
                     else:
                         preds = self.predictor.predict(flat)
                 except Exception as exc:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nats.aio.client import Client
@@ -33,10 +34,35 @@ _tracer = tracing.tracer("muserve.predictor")
 MAX_TEXT_CHARS = 16_384
 
 
-def build_predictor(settings: Settings) -> LengthPredictor:
-    """The configured predictor (this release: the per-model median baseline)."""
+def median_baseline(settings: Settings) -> MedianLengthPredictor:
+    """The honest baseline: each model's median observed length."""
     priors = {m.name: m.median_tokens for m in settings.models}
     return MedianLengthPredictor(settings.predictor.edges_tokens, priors_tokens=priors)
+
+
+def build_predictor(settings: Settings) -> LengthPredictor:
+    """The configured predictor; the proxy model falls back to the baseline, if it cannot load."""
+    cfg = settings.predictor
+    if cfg.kind == "median":
+        return median_baseline(settings)
+    try:
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        from services.predictor.proxy import ProxyLengthPredictor
+
+        proxy = ProxyLengthPredictor.load(cfg.artifact)
+    except Exception as exc:
+        log.warning("proxy predictor unavailable (%s); serving the per-model median baseline instead", exc)
+        return median_baseline(settings)
+    served = {m.name for m in settings.models if m.kind == "chat"}
+    unknown = sorted(served - set(proxy.models))
+    if unknown:
+        log.warning(
+            "predictor %s was not trained for %s: it uses its generic model embedding", proxy.ident, unknown
+        )
+    return proxy
 
 
 def clip_text(text: str) -> str:
@@ -49,9 +75,15 @@ def clip_text(text: str) -> str:
 
 async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     """Run until stop is set."""
-    predictor = build_predictor(settings)
+    # One thread for every torch call (load, predict): torch is much slower on a thread it did not start on.
+    torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+    predictor = await asyncio.get_running_loop().run_in_executor(torch_thread, build_predictor, settings)
+    heavy = not isinstance(predictor, MedianLengthPredictor)
     batcher = MicroBatcher(
-        predictor, window_ms=settings.predictor.batch_window_ms, max_batch=settings.predictor.max_batch
+        predictor,
+        window_ms=settings.predictor.batch_window_ms,
+        max_batch=settings.predictor.max_batch,
+        executor=torch_thread if heavy else None,
     )
     tasks = TaskSet()
     started = time.time()
@@ -96,6 +128,7 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     log.info("predictor %s ready (pid %d)", predictor.ident, os.getpid())
     await stop.wait()
     await tasks.cancel_all()
+    torch_thread.shutdown(wait=False)
 
 
 def main() -> None:

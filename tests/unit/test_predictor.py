@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -147,7 +148,7 @@ def items(prefix: str, n: int, text: str = "x") -> list[PredictItem]:
 async def test_batcher_merges_calls_that_arrive_while_a_batch_runs() -> None:
     gate = threading.Event()
     p = RecordingPredictor(gate)
-    b = MicroBatcher(p, offload=True)
+    b = MicroBatcher(p, executor=ThreadPoolExecutor(1))
     first = asyncio.create_task(b.predict(items("a", 1)))
     # Wait (in a thread, not by sleeping) until the first batch is inside the predictor.
     assert await asyncio.to_thread(p.started.wait, 5.0)
@@ -215,11 +216,13 @@ async def test_batcher_error_does_not_affect_the_next_batch_of_the_same_drain() 
 @pytest.mark.parametrize("offload", [False, True])
 async def test_batcher_offload_runs_the_predictor_in_a_thread(offload: bool) -> None:
     p = RecordingPredictor()
-    b = MicroBatcher(p, offload=offload)
+    b = MicroBatcher(p, executor=ThreadPoolExecutor(1) if offload else None)
     (pred,) = await b.predict([item("t", text="abc")])
     assert pred.predicted_tokens == 3.0
+    await b.predict([item("u", text="abcd")])
     loop_thread = threading.get_ident()
     assert (p.threads[0] != loop_thread) is offload
+    assert p.threads[0] == p.threads[1]  # every batch on the same thread (torch is faster that way)
 
 
 async def test_batcher_with_the_median_predictor() -> None:
