@@ -195,6 +195,9 @@ class Job(Wire):
     embed: EmbedRequest | None = None
     prediction: Prediction | None = None
     predicted_exec_ms: float = 0.0
+    # The exec estimate's parts: tokens expected (prediction capped by max_tokens) and cost per token.
+    predicted_tokens: float = 0.0
+    ms_per_token: float = 0.0
     accepted_at_s: float
     deadline_s: float | None = None
     attempt: int = 1
@@ -333,6 +336,8 @@ class QueueTelemetry(Wire):
     running: int
     predicted_work_ms: float
     running_work_ms: float
+    # Running requests that already outlived their prediction (their remaining work was revised up).
+    mispredicted: int = 0
     oldest_wait_ms: float
     arrivals_per_s: float
     completions_per_s: float

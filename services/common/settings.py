@@ -42,7 +42,8 @@ class ModelSpec(BaseModel):
 class GroupSpec(BaseModel):
     """A model group: one queue and its policy."""
 
-    policy: Literal["fcfs", "ssjf"] = "ssjf"
+    # "oracle" orders replayed requests (ignore_eos) by their true length: a benchmark baseline only.
+    policy: Literal["fcfs", "ssjf", "oracle"] = "ssjf"
     max_queue: int = Field(default=256, ge=1)
     # Aging bound: promote a request that waited longer than this multiple of its predicted exec time.
     aging_factor: float = Field(default=8.0, gt=0.0)

@@ -68,6 +68,23 @@ class ExpireResult:
     lost_workers: list[str]
 
 
+def remaining_work_ms(state: JobState, now_s: float) -> tuple[float, bool]:
+    """Predicted work left of a running job (revised up once it outlives its prediction), and if it did."""
+    job = state.job
+    if job.generate is None or job.ms_per_token <= 0:
+        # No token progress to go by (single-shot models): predicted time minus time spent.
+        elapsed_ms = (now_s - (state.dispatched_at_s or now_s)) * 1000.0
+        return max(job.predicted_exec_ms - elapsed_ms, 0.0), False
+    done = state.emitted_tokens
+    left = job.predicted_tokens - done
+    outlived = left <= 0
+    if outlived:
+        # Past its prediction: assume as much again is left (the usual rule for heavy-tailed lengths).
+        left = max(done, 1)
+    left = min(left, job.generate.max_tokens - done)
+    return max(left, 0.0) * job.ms_per_token, outlived
+
+
 class GroupCore:
     """Scheduling state of one model group; the scheduler service is a thin async shell around it."""
 
@@ -336,9 +353,11 @@ class GroupCore:
         oldest = self.queue.oldest_arrival_s()
         running = [s for s in self.jobs.values() if s.status is JobStatus.RUNNING]
         running_work_ms = 0.0
+        mispredicted = 0
         for s in running:
-            elapsed_ms = (now_s - (s.dispatched_at_s or now_s)) * 1000.0
-            running_work_ms += max(s.job.predicted_exec_ms - elapsed_ms, 0.0)
+            work_ms, outlived = remaining_work_ms(s, now_s)
+            running_work_ms += work_ms
+            mispredicted += outlived
         recovering = sum(1 for s in self.jobs.values() if s.status is JobStatus.RECOVERING)
         return QueueTelemetry(
             group=self.group,
@@ -347,6 +366,7 @@ class GroupCore:
             running=len(running),
             predicted_work_ms=self.queue.predicted_work_ms,
             running_work_ms=running_work_ms,
+            mispredicted=mispredicted,
             oldest_wait_ms=0.0 if oldest is None else max(now_s - oldest, 0.0) * 1000.0,
             arrivals_per_s=arrivals / interval_s if interval_s > 0 else 0.0,
             completions_per_s=completions / interval_s if interval_s > 0 else 0.0,

@@ -16,6 +16,7 @@ class SchedulingPolicy(StrEnum):
 
     FCFS = "fcfs"
     SSJF = "ssjf"
+    ORACLE = "oracle"  # SJF on true lengths: a benchmark baseline, never for production
 
 
 @dataclass(eq=False)
@@ -186,6 +187,12 @@ class SSJFQueue(RequestQueue):
         self._by_deadline.clear()
 
 
+class OracleSJFQueue(SSJFQueue):
+    """SSJF's mechanics on exec times the scheduler computed from true lengths (replay benchmarks only)."""
+
+    policy = SchedulingPolicy.ORACLE
+
+
 def make_request_queue(policy: str | SchedulingPolicy, **kwargs: float) -> RequestQueue:
     """Build the queue for a policy name; unknown names are rejected."""
     try:
@@ -195,4 +202,6 @@ def make_request_queue(policy: str | SchedulingPolicy, **kwargs: float) -> Reque
         raise ValueError(f"unknown scheduling policy {policy!r}; choose one of: {valid}") from None
     if kind is SchedulingPolicy.FCFS:
         return FCFSQueue()
+    if kind is SchedulingPolicy.ORACLE:
+        return OracleSJFQueue(**kwargs)
     return SSJFQueue(**kwargs)

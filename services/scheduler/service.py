@@ -29,6 +29,7 @@ from services.common.nats_conn import TaskSet, concurrent, is_no_responders
 from services.common.runtime import register_discovery, service_main, settle
 from services.common.schemas import (
     CancelRequest,
+    CompletionRecord,
     DoneAck,
     DoneReport,
     EmbedRequest,
@@ -51,6 +52,7 @@ from services.common.schemas import (
 from services.common.settings import ModelSpec, Settings
 from services.predictor.base import MedianLengthPredictor
 from services.scheduler.core import GroupCore
+from services.scheduler.exec_model import LinearExecModel
 from services.scheduler.request_queue import make_request_queue
 
 log = logging.getLogger("muserve.scheduler")
@@ -79,11 +81,6 @@ def error_reply(kind: JobKind, request_id: str, error: ErrorInfo, attempt: int =
     return encode(
         TokenChunk(request_id=request_id, finished=True, finish_reason="error", error=error, attempt=attempt)
     )
-
-
-def predicted_exec_ms(spec: ModelSpec, tokens: float) -> float:
-    """Exec-time estimate at max clock from the model's linear cost model."""
-    return spec.exec_const_ms + spec.exec_ms_per_token * tokens
 
 
 class Scheduler:
@@ -119,6 +116,11 @@ class Scheduler:
             settings.predictor.edges_tokens, priors_tokens={m.name: m.median_tokens for m in settings.models}
         )
         self.fallback.name = "fallback-median"
+        # exec_ms = const + k * tokens per model, fitted online from completion records.
+        self.exec_models = {
+            m.name: LinearExecModel(const_ms=m.exec_const_ms, ms_per_token=m.exec_ms_per_token)
+            for m in settings.models
+        }
         self.tasks = TaskSet()
         self.counters = {g: [0, 0] for g in self.owned}  # arrivals, completions at last telemetry
         self.started_s = now
@@ -156,6 +158,7 @@ class Scheduler:
             )
         await self.nc.subscribe(subjects.WORKER_HEARTBEAT_ALL, cb=self._on_heartbeat)
         await self.nc.subscribe(subjects.CANCEL, cb=concurrent(self.tasks, self._on_cancel))
+        await self.nc.subscribe(subjects.COMPLETIONS_ALL, cb=self._on_completion)
         self.tasks.spawn(self._expire_loop())
         self.tasks.spawn(self._telemetry_loop())
         self.tasks.spawn(self._progress_loop())
@@ -174,6 +177,11 @@ class Scheduler:
                     "workers": [w.worker_id for w in c.live_workers(now)],
                 }
                 for g, c in self.cores.items()
+            },
+            "exec_models": {
+                name: {"const_ms": c, "ms_per_token": k, "samples": m.samples}
+                for name, m in self.exec_models.items()
+                for c, k in [m.coefficients()]
             },
             **self.stats,
             "uptime_s": now - self.started_s,
@@ -252,7 +260,7 @@ class Scheduler:
             headers=tracing.inject({}),
             generate=req if isinstance(req, GenerateRequest) else None,
             embed=req if isinstance(req, EmbedRequest) else None,
-            predicted_exec_ms=spec.exec_const_ms,
+            predicted_exec_ms=self.exec_models[spec.name].estimate_ms(0),
             accepted_at_s=now,
             deadline_s=now + timeout_s,
         )
@@ -340,16 +348,21 @@ class Scheduler:
             )
             await self.nc.publish(subjects.worker_prediction(state.worker_id), encode(note))
 
-    @staticmethod
-    def _apply_prediction(job: Job, spec: ModelSpec, prediction: Prediction) -> None:
+    def _apply_prediction(self, job: Job, spec: ModelSpec, prediction: Prediction) -> None:
         """Attach a prediction and the exec-time estimate SSJF orders by."""
-        assert job.generate is not None
+        gen = job.generate
+        assert gen is not None
         tokens = prediction.predicted_tokens
-        if not job.generate.ignore_eos:
+        if gen.ignore_eos and self.settings.groups[spec.group].policy == "oracle":
+            tokens = float(gen.max_tokens)  # a replay's true length: only the oracle baseline may see it
+        elif not gen.ignore_eos:
             # max_tokens caps any answer; with ignore_eos it is a replay's true length, so never used.
-            tokens = min(tokens, float(job.generate.max_tokens))
+            tokens = min(tokens, float(gen.max_tokens))
+        const_ms, ms_per_token = self.exec_models[spec.name].coefficients()
         job.prediction = prediction
-        job.predicted_exec_ms = predicted_exec_ms(spec, tokens)
+        job.predicted_tokens = tokens
+        job.ms_per_token = ms_per_token
+        job.predicted_exec_ms = const_ms + ms_per_token * tokens
 
     async def _predict(self, rid: str, model: str, text: str) -> Prediction:
         """Ask the predictor service; fall back to the local baseline if it is slow or absent."""
@@ -475,6 +488,16 @@ class Scheduler:
         if job is not None:
             await self._dispatch(core.group)
         return job
+
+    async def _on_completion(self, msg: Msg) -> None:
+        """A finished request's true length and exec time refine its model's exec-time fit."""
+        try:
+            rec = decode(CompletionRecord, msg.data)
+        except CodecError:
+            return
+        model = self.exec_models.get(rec.model)
+        if model is not None and rec.finish_reason in ("stop", "length"):
+            model.observe(rec.completion_tokens, rec.exec_ms)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
