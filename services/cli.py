@@ -118,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--duration", type=float, default=10.0, help="seconds per rate and path")
     ov.add_argument("--repeats", type=int, default=3, help="runs per rate (median reported)")
     ov.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
+    rp = bsub.add_parser("replay", parents=[common], help="FCFS vs SSJF vs oracle SJF on a replayed trace")
+    rp.add_argument("--data", type=Path, default=DATA, help="folder with the AlpacaEval and Azure files")
+    rp.add_argument("--lengths", default="vicuna-13b", help="LLM whose true output lengths are replayed")
+    rp.add_argument("--arrivals", default="azure-conv", help="azure-conv, azure-code, poisson or gamma")
+    rp.add_argument("--load", type=float, default=0.9, help="arrival rate / measured capacity")
+    rp.add_argument("--requests", type=int, default=100)
+    rp.add_argument("--max-len", type=int, default=512, help="cap on replayed output lengths")
+    rp.add_argument("--max-seqs", type=int, default=4, help="worker batch slots (a capped batch)")
+    rp.add_argument("--layers", type=int, default=8, help="SmolLM2 layers kept (30 = full model)")
+    rp.add_argument("--policies", default="fcfs,ssjf,oracle")
+    rp.add_argument("--slo-scale", type=float, default=5.0)
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
     return parser
 
 
@@ -162,6 +175,25 @@ def main(argv: list[str] | None = None) -> None:
         from services.launcher import prepare_models
 
         prepare_models(Settings().cache)
+        return
+    if cmd == "bench" and args.bench == "replay":
+        from bench.replay import run_replay
+
+        run_replay(
+            data_dir=args.data,
+            out_dir=args.out,
+            lengths_model=args.lengths,
+            arrivals=args.arrivals,
+            load=args.load,
+            requests=args.requests,
+            max_len=args.max_len,
+            max_seqs=args.max_seqs,
+            layers=args.layers if args.layers < 30 else None,
+            policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+            slo_scale=args.slo_scale,
+            seed=args.seed,
+            command=" ".join(["muserve", *sys.argv[1:]]),
+        )
         return
     if cmd == "bench":
         from bench.overhead import run_overhead

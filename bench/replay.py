@@ -1,0 +1,439 @@
+"""`muserve bench replay`: FCFS vs SSJF vs oracle SJF on one replayed workload, through the real gateway.
+
+Prompts are AlpacaEval's held-out test prompts (never seen by the predictor's training); each request
+asks for exactly the true output length of a chosen LLM on that prompt (`ignore_eos` + `max_tokens`, as
+serving benchmarks replay traces), so the scheduler sees the prompt and must predict the length. The
+worker runs SmolLM2 (optionally cut to fewer layers, so a full run fits in minutes) under that LLM's
+name, so the predictor uses that LLM's verbosity. Arrivals come from the Azure LLM inference trace
+(burstiness kept, rate rescaled to a load factor of the measured capacity), or Poisson / Gamma.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import itertools
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import nats
+
+from bench.common import machine_info, pct, wait_idle, write_json
+from services.common import subjects
+from services.launcher import Cluster, ServiceSpec, free_port
+
+POLICIES = ("fcfs", "ssjf", "oracle")
+TRACES = {"azure-conv": "AzureLLMInferenceTrace_conv.csv", "azure-code": "AzureLLMInferenceTrace_code.csv"}
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """One request of the workload."""
+
+    idx: int
+    prompt: str
+    tokens: int
+    arrival_s: float
+
+
+@dataclass
+class Outcome:
+    """What the client saw for one request."""
+
+    idx: int
+    tokens: int
+    arrival_s: float
+    ttft_ms: float = math.nan
+    jct_ms: float = math.nan
+    queue_ms: float | None = None
+    length_class: int | None = None
+    predicted_tokens: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class PolicyRun:
+    """One policy's replay."""
+
+    policy: str
+    outcomes: list[Outcome]
+    depth: list[tuple[float, int]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def arrival_offsets(
+    kind: str, n: int, rate: float, seed: int, data_dir: Path, gamma_cv: float = 2.0
+) -> list[float]:
+    """n arrival times (s, from 0) with mean rate `rate`: trace inter-arrivals rescaled, or synthetic."""
+    rng = random.Random(seed)
+    if kind in TRACES:
+        with open(data_dir / TRACES[kind], encoding="utf-8") as f:
+            stamps = [datetime.fromisoformat(r["TIMESTAMP"][:26]).timestamp() for r in csv.DictReader(f)]
+        gaps = [b - a for a, b in itertools.pairwise(stamps) if b >= a]
+        start = rng.randrange(0, max(len(gaps) - n, 1))
+        window = gaps[start : start + n - 1]
+        scale = (1.0 / rate) / (sum(window) / len(window))  # keep the trace's burstiness, set its rate
+        gaps = [g * scale for g in window]
+    elif kind == "poisson":
+        gaps = [rng.expovariate(rate) for _ in range(n - 1)]
+    elif kind == "gamma":
+        shape = 1.0 / gamma_cv**2
+        gaps = [rng.gammavariate(shape, 1.0 / (shape * rate)) for _ in range(n - 1)]
+    else:
+        raise ValueError(f"unknown arrivals {kind!r}; choose {', '.join([*TRACES, 'poisson', 'gamma'])}")
+    out = [0.0]
+    for g in gaps:
+        out.append(out[-1] + g)
+    return out
+
+
+def test_prompts_with_lengths(
+    data_dir: Path, lengths_model: str, seed: int, max_len: int
+) -> list[tuple[int, str, int]]:
+    """(idx, prompt, true tokens) of the predictor's held-out test split for one LLM's answers."""
+    from services.predictor.data import load_length_data, split_by_prompt
+
+    data = load_length_data(data_dir)
+    if lengths_model not in data.models:
+        raise ValueError(f"no lengths for model {lengths_model!r} in {data_dir}")
+    _, _, test_rows = split_by_prompt(len(data.texts), seed=seed)
+    col = data.models.index(lengths_model)
+    wanted = set(test_rows.tolist())
+    out = []
+    for r, c, t in zip(data.rows.tolist(), data.cols.tolist(), data.tokens.tolist(), strict=True):
+        if c == col and r in wanted:
+            out.append((data.prompt_ids[r], data.texts[r], min(int(t), max_len)))
+    return sorted(out)
+
+
+async def _one(
+    session: aiohttp.ClientSession, url: str, model: str, req: ReplayRequest, t0: float
+) -> Outcome:
+    out = Outcome(req.idx, req.tokens, req.arrival_s)
+    delay = t0 + req.arrival_s - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": req.prompt}],
+        "max_tokens": req.tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    try:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return out
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    out.error = obj["error"].get("message")
+                    break
+                if (
+                    obj.get("choices")
+                    and math.isnan(out.ttft_ms)
+                    and obj["choices"][0]["delta"].get("content")
+                ):
+                    out.ttft_ms = (time.perf_counter() - start) * 1000.0
+                if obj.get("usage"):
+                    u = obj["usage"]
+                    out.queue_ms, out.length_class = u.get("queue_ms"), u.get("length_class")
+                    out.predicted_tokens = u.get("predicted_tokens")
+    except Exception as exc:  # a client-side failure is a result too
+        out.error = repr(exc)
+        return out
+    out.jct_ms = (time.perf_counter() - start) * 1000.0
+    return out
+
+
+async def _replay(
+    url: str, nats_url: str, model: str, group: str, workload: list[ReplayRequest]
+) -> PolicyRun:
+    nc = await nats.connect(nats_url)
+    depth: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+
+    async def on_queue(msg: Any) -> None:
+        tel = msgpack.unpackb(msg.data)
+        depth.append((time.perf_counter() - t0, int(tel["depth"])))
+
+    await nc.subscribe(subjects.queue_telemetry(group), cb=on_queue)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024)) as session:
+        outcomes = await asyncio.gather(*(_one(session, url, model, r, t0) for r in workload))
+    wall = time.perf_counter() - t0
+    await nc.close()
+    return PolicyRun(policy="", outcomes=list(outcomes), depth=depth, wall_s=wall)
+
+
+async def _calibrate(url: str, model: str, slots: int, tokens: int) -> dict[str, float]:
+    """Throughput with every slot busy, and one request's step time alone (for capacity and SLOs)."""
+    body: dict[str, Any] = {"model": model, "prompt": "Calibrate.", "max_tokens": tokens, "ignore_eos": True}
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def run() -> dict[str, Any]:
+            async with session.post(f"{url}/v1/completions", json=body) as resp:
+                out: dict[str, Any] = await resp.json()
+                return out
+
+        await run()  # warm-up
+        t = time.perf_counter()
+        solo = await run()
+        solo_s = time.perf_counter() - t
+        t = time.perf_counter()
+        await asyncio.gather(*(run() for _ in range(2 * slots)))
+        busy_s = time.perf_counter() - t
+    u = solo["usage"]
+    return {
+        "tokens_per_s_full": 2 * slots * tokens / busy_s,
+        "solo_ttft_ms": float(u["ttft_ms"]),
+        "solo_ms_per_token": (solo_s * 1000.0 - float(u["ttft_ms"])) / max(tokens - 1, 1),
+    }
+
+
+def _cluster(tmp: Path, env: dict[str, str]) -> tuple[Cluster, str]:
+    port = free_port()
+    env = {**env, "MUSERVE_GATEWAY__PORT": str(port), "MUSERVE_DATA_DIR": str(tmp)}
+    specs = [
+        ServiceSpec("scheduler"),
+        ServiceSpec("predictor"),
+        ServiceSpec("gateway"),
+        ServiceSpec("powerd"),
+        ServiceSpec("worker", env={"MUSERVE_WORKER__GPU": "0"}),
+    ]
+    cluster = Cluster(env, data_dir=tmp, log_dir=tmp / "logs", echo=lambda s: None)
+    cluster.start(specs)
+    return cluster, f"http://127.0.0.1:{port}"
+
+
+def summarize(run: PolicyRun, slo: dict[str, float], slo_scale: float) -> dict[str, Any]:
+    """JCT/TTFT statistics, throughput, SLO attainment."""
+    ok = [o for o in run.outcomes if o.error is None and not math.isnan(o.jct_ms)]
+    jct = [o.jct_ms for o in ok]
+    ttft = [o.ttft_ms for o in ok if not math.isnan(o.ttft_ms)]
+    met = sum(
+        1 for o in ok if o.jct_ms <= slo_scale * (slo["solo_ttft_ms"] + o.tokens * slo["solo_ms_per_token"])
+    )
+    return {
+        "requests": len(run.outcomes),
+        "errors": len(run.outcomes) - len(ok),
+        "jct_mean_ms": statistics.fmean(jct) if jct else math.nan,
+        "jct_p50_ms": pct(jct, 50),
+        "jct_p99_ms": pct(jct, 99),
+        "ttft_mean_ms": statistics.fmean(ttft) if ttft else math.nan,
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "tokens_per_s": sum(o.tokens for o in ok) / run.wall_s if run.wall_s else math.nan,
+        "requests_per_s": len(ok) / run.wall_s if run.wall_s else math.nan,
+        "slo_attainment": met / len(run.outcomes) if run.outcomes else math.nan,
+        "max_depth": max((d for _, d in run.depth), default=0),
+    }
+
+
+def plot(runs: list[PolicyRun], path: Path) -> None:
+    """JCT CDF per policy and queue depth over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        jct = np.sort([o.jct_ms / 1000.0 for o in run.outcomes if o.error is None])
+        if jct.size:
+            a.plot(jct, np.arange(1, jct.size + 1) / jct.size, label=run.policy)
+        if run.depth:
+            t, d = zip(*run.depth, strict=True)
+            b.step(t, d, where="post", label=run.policy)
+    a.set_xlabel("job completion time (s)")
+    a.set_ylabel("CDF")
+    a.set_title("JCT")
+    b.set_xlabel("time since first arrival (s)")
+    b.set_ylabel("queued requests")
+    b.set_title("queue depth")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
+    """The report."""
+    f, s, o = (summary.get(p, {}) for p in POLICIES)
+    lines = [
+        "# Replay: FCFS vs SSJF vs oracle SJF",
+        "",
+        f"Measured {meta['machine']['date']} on {meta['machine']['cpu']} ({meta['machine']['cores']} cores), "
+        f"commit `{meta['machine']['commit']}`, load average before {meta['load_before']:.2f}. "
+        f"Reproduce: `{meta['command']}`.",
+        "",
+        f"Workload: {meta['requests']} AlpacaEval held-out test prompts (predictor split seed "
+        f"{meta['seed']}), each asking for exactly the length `{meta['lengths_model']}` answered it with "
+        f"(ignore_eos; capped at {meta['max_len']} tokens; mean {meta['mean_tokens']:.0f}), arrivals "
+        f"`{meta['arrivals']}` rescaled to "
+        f"load factor {meta['load']} of the measured capacity ({meta['capacity_rps']:.3f} req/s = "
+        f"{meta['calibration']['tokens_per_s_full']:.0f} tokens/s with every slot busy / mean length).",
+        f"Worker: SmolLM2-135M-Instruct, {meta['worker']}. Predictor: {meta['predictor']}. "
+        "GPU clock fixed at max (simulated V100, `max-clock`): only the queue order differs between runs.",
+        f"SLO per request: JCT <= {meta['slo_scale']:g} x (solo TTFT + tokens x solo time per token) = "
+        f"{meta['slo_scale']:g} x ({meta['calibration']['solo_ttft_ms']:.0f} ms + tokens x "
+        f"{meta['calibration']['solo_ms_per_token']:.1f} ms).",
+        "",
+        "| policy | mean JCT | p50 JCT | p99 JCT | mean TTFT | p99 TTFT | tokens/s | SLO attainment "
+        "| max queue | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in POLICIES:
+        r = summary.get(p)
+        if r is None:
+            continue
+        lines.append(
+            f"| {p} | {r['jct_mean_ms'] / 1000:.2f} s | {r['jct_p50_ms'] / 1000:.2f} s | "
+            f"{r['jct_p99_ms'] / 1000:.2f} s | "
+            f"{r['ttft_mean_ms'] / 1000:.2f} s | {r['ttft_p99_ms'] / 1000:.2f} s | {r['tokens_per_s']:.0f} | "
+            f"{100 * r['slo_attainment']:.0f}% | {r['max_depth']} | {r['errors']} |"
+        )
+    if f and s and o:
+        ratios = meta["ratios"]
+        lines += [
+            "",
+            f"SSJF / FCFS mean JCT = {ratios['ssjf_fcfs_mean']:.2f} (target <= 0.60); "
+            f"SSJF / oracle mean JCT = {ratios['ssjf_oracle_mean']:.2f} (target <= 1.15); "
+            f"SSJF / FCFS p99 JCT = {ratios['ssjf_fcfs_p99']:.2f} (target <= 1.20).",
+        ]
+    lines += ["", "![JCT CDF and queue depth](replay.png)", ""]
+    return "\n".join(lines)
+
+
+def run_replay(
+    *,
+    data_dir: Path,
+    out_dir: Path,
+    lengths_model: str = "vicuna-13b",
+    arrivals: str = "azure-conv",
+    load: float = 0.9,
+    requests: int = 100,
+    max_len: int = 512,
+    max_seqs: int = 4,
+    layers: int | None = 8,
+    policies: tuple[str, ...] = POLICIES,
+    slo_scale: float = 5.0,
+    seed: int = 0,
+    command: str = "muserve bench replay",
+    echo: Any = print,
+    idle_timeout_s: float = 60.0,
+) -> dict[str, Any]:
+    """Calibrate, replay the same workload under each policy, write replay.{json,md,png}."""
+    load_before = wait_idle(timeout_s=idle_timeout_s, echo=echo)
+    name = lengths_model.replace(".", "-")
+    pool = test_prompts_with_lengths(data_dir, lengths_model, seed, max_len)
+    rng = random.Random(seed)
+    chosen = rng.sample(pool, min(requests, len(pool)))
+    env = {
+        "MUSERVE_LOG_LEVEL": "WARNING",
+        "MUSERVE_WORKER__MAX_SEQS": str(max_seqs),
+        "MUSERVE_POWERD__POLICY": "max-clock",
+        "MUSERVE_MODELS": json.dumps(
+            [{"name": name, "kind": "chat", "source": "smollm2", "group": "chat", "max_context_tokens": 8192}]
+        ),
+        "MUSERVE_WORKER__MODEL": name,
+    }
+    if layers:
+        env["MUSERVE_WORKER__NUM_HIDDEN_LAYERS"] = str(layers)
+    runs: list[PolicyRun] = []
+    calibration: dict[str, float] = {}
+    capacity_rps = 0.0
+    workload: list[ReplayRequest] = []
+    for policy in policies:
+        groups = {"chat": {"policy": policy, "max_queue": 100_000}, "embed": {"policy": "fcfs"}}
+        tmp = Path(tempfile.mkdtemp(prefix=f"muserve-replay-{policy}-"))
+        cluster, url = _cluster(tmp, {**env, "MUSERVE_GROUPS": json.dumps(groups)})
+        try:
+            cluster.wait_ready(url, [name], timeout_s=300)
+            if not workload:
+                mean_tokens = statistics.fmean(t for _, _, t in chosen)
+                calibration = asyncio.run(_calibrate(url, name, max_seqs, round(mean_tokens)))
+                capacity_rps = calibration["tokens_per_s_full"] / mean_tokens
+                times = arrival_offsets(arrivals, len(chosen), load * capacity_rps, seed, data_dir)
+                workload = [ReplayRequest(i, p, t, a) for (i, p, t), a in zip(chosen, times, strict=True)]
+                echo(
+                    f"capacity {capacity_rps:.3f} req/s; replaying {len(workload)} requests over "
+                    f"{workload[-1].arrival_s:.0f} s at load {load}"
+                )
+            echo(f"policy {policy} ...")
+            run = asyncio.run(_replay(url, cluster.nats_url or "", name, "chat", workload))
+            run.policy = policy
+            runs.append(run)
+            done = [o.jct_ms for o in run.outcomes if o.error is None]
+            echo(f"  {policy}: mean JCT {statistics.fmean(done) / 1000:.2f} s" if done else "  all failed")
+        finally:
+            cluster.stop()
+    summary = {r.policy: summarize(r, calibration, slo_scale) for r in runs}
+    ratios: dict[str, float] = {}
+    if {"fcfs", "ssjf", "oracle"} <= summary.keys():
+        ratios = {
+            "ssjf_fcfs_mean": summary["ssjf"]["jct_mean_ms"] / summary["fcfs"]["jct_mean_ms"],
+            "ssjf_oracle_mean": summary["ssjf"]["jct_mean_ms"] / summary["oracle"]["jct_mean_ms"],
+            "ssjf_fcfs_p99": summary["ssjf"]["jct_p99_ms"] / summary["fcfs"]["jct_p99_ms"],
+        }
+    meta = {
+        "machine": machine_info(),
+        "load_before": load_before,
+        "command": command,
+        "seed": seed,
+        "lengths_model": lengths_model,
+        "requests": len(workload),
+        "max_len": max_len,
+        "mean_tokens": statistics.fmean(r.tokens for r in workload),
+        "arrivals": arrivals,
+        "load": load,
+        "capacity_rps": capacity_rps,
+        "calibration": calibration,
+        "slo_scale": slo_scale,
+        "ratios": ratios,
+        "worker": f"max_seqs {max_seqs}, {layers or 30} of 30 layers, bf16",
+        "predictor": "the shipped proxy artifact (per-model class -> tokens)",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out_dir / "replay.json",
+        {
+            "meta": meta,
+            "summary": summary,
+            "runs": [
+                {
+                    "policy": r.policy,
+                    "wall_s": r.wall_s,
+                    "outcomes": [asdict(o) for o in r.outcomes],
+                    "depth": r.depth,
+                }
+                for r in runs
+            ],
+        },
+    )
+    (out_dir / "replay.md").write_text(markdown(meta, summary))
+    plot(runs, out_dir / "replay.png")
+    echo(markdown(meta, summary))
+    return {"meta": meta, "summary": summary}
