@@ -148,3 +148,47 @@ def _ready(live: LiveCluster) -> bool:
             return bool(json.loads(r.read())["models"][DEFAULT_CHAT_MODEL])
     except Exception:
         return False
+
+
+def test_predictor_killed_requests_flow_through_survivor_then_baseline(faulty: LiveCluster) -> None:
+    wait_until(lambda: _ready(faulty), 60, "a live worker")
+    first = faulty.service("predictor")
+    second = faulty.cluster.start_service(ServiceSpec("predictor"))
+    wait_until(
+        lambda: "ready" in (second.log_path.read_text() if second.log_path else ""), 60, "second predictor"
+    )
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    for _ in range(3):
+        code, body = post(faulty, long_body(30))
+        assert code == 200, body
+        assert json.loads(body)["usage"]["predictor"] != "fallback-median@1"  # the survivor answered
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait()
+    code, body = post(faulty, long_body(120))
+    assert code == 200, body
+    assert json.loads(body)["usage"]["predictor"] == "fallback-median@1"  # no predictor: the baseline
+    faulty.cluster.start_service(ServiceSpec("predictor"))
+
+
+async def test_a_completion_reported_twice_is_harmless(faulty: LiveCluster) -> None:
+    import msgpack
+    import nats
+
+    from services.common import subjects
+
+    code, body = post(faulty, long_body(5))
+    assert code == 200
+    rid = json.loads(body)["id"].removeprefix("cmpl-")
+    nc = await nats.connect(faulty.nats_url)
+    try:
+        report = {"request_id": rid, "worker_id": "w-replayed", "group": "chat", "model": DEFAULT_CHAT_MODEL}
+        for _ in range(2):
+            ack = msgpack.unpackb(
+                (await nc.request(subjects.sched_done("chat"), msgpack.packb(report), timeout=5)).data
+            )
+            assert ack["request_id"] == rid and ack["known"] is False  # already closed: nothing happens
+    finally:
+        await nc.close()
+    code, _ = post(faulty, long_body(5))
+    assert code == 200
