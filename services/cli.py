@@ -45,6 +45,7 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PACKAGE_ARTIFACT = Path(__file__).resolve().parent / "predictor" / "artifacts" / "default"
 
 
 def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -66,6 +67,26 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     col.add_argument("--seed", type=int, default=0)
     col.add_argument("--batch", type=int, default=16, help="sequences at once (engine) / requests in flight")
     col.add_argument("--limit", type=int, help="at most this many new prompts")
+    tr = psub.add_parser("train", parents=[common], help="train the proxy length predictor (CPU, minutes)")
+    tr.add_argument("--data", type=Path, default=DATA, help="folder with the AlpacaEval files")
+    tr.add_argument(
+        "--collected", type=Path, nargs="*", help="collect files (default: <cache>/collect/*.jsonl)"
+    )
+    tr.add_argument(
+        "--out", type=Path, default=PACKAGE_ARTIFACT, help="artifact folder (default: the shipped one)"
+    )
+    tr.add_argument("--layers", type=int, default=4, help="MiniLM layers kept")
+    tr.add_argument("--classes", type=int, default=5)
+    tr.add_argument("--objective", default="listmle", help="ranking (listmle) or regression (mse) loss")
+    tr.add_argument("--epochs", type=int, default=8)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=1, help="torch threads")
+    ev = psub.add_parser("eval", parents=[common], help="held-out evaluation vs baselines (report + PNG)")
+    ev.add_argument("--data", type=Path, default=DATA)
+    ev.add_argument("--collected", type=Path, nargs="*")
+    ev.add_argument("--artifact", type=Path, help="artifact folder (default: the shipped one)")
+    ev.add_argument("--out", type=Path, default=Path("bench/results"))
+    ev.add_argument("--seed", type=int, default=0, help="the artifact's split seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +260,32 @@ def _predictor(args: argparse.Namespace) -> int:
                 **common,
             )
         print(f"collected {n} new answers into {out}")
+        return 0
+    collected = args.collected
+    if collected is None:
+        collected = sorted((settings.cache / "collect").glob("*.jsonl"))
+    if args.predictor_cmd == "train":
+        from services.predictor.train import train
+
+        train(
+            args.data,
+            args.out,
+            collected=collected,
+            layers=args.layers,
+            classes=args.classes,
+            objective=args.objective,
+            epochs=args.epochs,
+            seed=args.seed,
+            threads=args.threads,
+            log=print,
+        )
+        print(f"artifact written to {args.out}")
+        return 0
+    if args.predictor_cmd == "eval":
+        from services.predictor.evaluate import evaluate
+
+        evaluate(args.data, args.artifact, args.out, collected=collected, seed=args.seed)
+        print(f"report written to {args.out / 'predictor-eval.md'}")
         return 0
     return 2
 

@@ -130,8 +130,11 @@ class Prediction(BaseModel):
     """What the length predictor says about one request."""
 
     length_class: int
+    # Expected tokens of the class for this model (unbiased for summing queued work).
     predicted_tokens: float
     predictor: str
+    # The predictor's continuous point estimate, when it has one: finer than the class for ordering.
+    score_tokens: float | None = None
 
 
 class Usage(BaseModel):
@@ -198,6 +201,8 @@ class Job(Wire):
     # The exec estimate's parts: tokens expected (prediction capped by max_tokens) and cost per token.
     predicted_tokens: float = 0.0
     ms_per_token: float = 0.0
+    # What SSJF orders by when it differs from predicted_exec_ms (a continuous score, or the oracle's truth).
+    rank_exec_ms: float | None = None
     accepted_at_s: float
     deadline_s: float | None = None
     attempt: int = 1

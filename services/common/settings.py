@@ -135,12 +135,14 @@ class PredictorSettings(BaseModel):
     kind: Literal["proxy", "median"] = "proxy"
     # Artifact folder of the proxy model (None: the one shipped in services/predictor/artifacts/default).
     artifact: Path | None = None
-    threads: int | None = Field(default=None, ge=1)
+    # One torch thread: on a shared CPU two threads wait on each other (10-100x slower under load).
+    threads: int | None = Field(default=1, ge=1)
     # 0 = opportunistic batching: run at once when idle, batch whatever arrived while busy.
     batch_window_ms: float = Field(default=0.0, ge=0.0)
     max_batch: int = Field(default=64, ge=1)
-    # Class edges of the median baseline (the proxy model brings its own, learnt from its training set).
-    edges_tokens: list[int] = Field(default_factory=lambda: [96, 265, 451, 1039])
+    # Class edges of the median baseline; the proxy model brings its own. These are the shipped
+    # artifact's (p25/p50/p75/p99 of its training answers), so both number classes alike.
+    edges_tokens: list[int] = Field(default_factory=lambda: [145, 308, 484, 1132])
 
     @field_validator("edges_tokens")
     @classmethod

@@ -46,13 +46,9 @@ def build_predictor(settings: Settings) -> LengthPredictor:
     if cfg.kind == "median":
         return median_baseline(settings)
     try:
-        if cfg.threads:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
         from services.predictor.proxy import ProxyLengthPredictor
 
-        proxy = ProxyLengthPredictor.load(cfg.artifact)
+        proxy = ProxyLengthPredictor.load(cfg.artifact, threads=cfg.threads)
     except Exception as exc:
         log.warning("proxy predictor unavailable (%s); serving the per-model median baseline instead", exc)
         return median_baseline(settings)

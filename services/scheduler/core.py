@@ -157,6 +157,7 @@ class GroupCore:
             arrival_s=job.accepted_at_s,
             predicted_exec_ms=job.predicted_exec_ms,
             payload=job,
+            rank_ms=job.rank_exec_ms,
         )
 
     # -- dispatch ------------------------------------------------------------------------------

@@ -27,12 +27,15 @@ class QueuedRequest:
     arrival_s: float
     predicted_exec_ms: float
     payload: Any = None
+    # Ordering key when finer than predicted_exec_ms (which still drives the aging bound and work sums).
+    rank_ms: float | None = None
     # Insertion order, assigned by the queue on first add; kept when a request is put back.
     seq: int = field(default=-1, compare=False)
 
     def sjf_key(self) -> tuple[float, float, int]:
         """Shortest predicted first; ties by arrival."""
-        return (self.predicted_exec_ms, self.arrival_s, self.seq)
+        rank = self.predicted_exec_ms if self.rank_ms is None else self.rank_ms
+        return (rank, self.arrival_s, self.seq)
 
     def fcfs_key(self) -> tuple[float, int]:
         """Earliest arrival first."""

