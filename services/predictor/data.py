@@ -112,7 +112,11 @@ def read_collected(paths: Sequence[Path]) -> list[tuple[str, int, int]]:
     latest: dict[tuple[str, int], int] = {}
     for path in paths:
         for rec in read_records(path):
-            latest[(rec.model, rec.idx)] = rec.output_tokens
+            tokens = rec.output_tokens
+            if rec.finish_reason == "length" and tokens >= rec.max_tokens:
+                # Cut by the collection's max_tokens, not finished: a runaway answer, as long as any.
+                tokens = max(tokens, MAX_TOKENS)
+            latest[(rec.model, rec.idx)] = tokens
     return [(m, i, t) for (m, i), t in latest.items()]
 
 

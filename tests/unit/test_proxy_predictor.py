@@ -297,3 +297,35 @@ def test_real_data_loads_with_the_documented_shape() -> None:
     assert data.tokens.min() >= 2 and data.tokens.max() <= MAX_TOKENS
     train, _, _ = split_by_prompt(len(data.texts), seed=0)
     assert class_edges(data.subset(train).tokens, edge_percentiles(5)) == [145, 308, 484, 1132]
+
+
+def test_collected_answers_cut_by_max_tokens_count_as_longest(tmp_path: Path) -> None:
+    """A runaway answer stopped by the collection's max_tokens is labelled with the global cap."""
+
+    from services.predictor.data import read_collected
+
+    path = tmp_path / "m.jsonl"
+    rows = [
+        {
+            "idx": 1,
+            "model": "m",
+            "prompt_tokens": 5,
+            "output_tokens": 300,
+            "finish_reason": "stop",
+            "seconds": 1.0,
+            "max_tokens": 1100,
+            "temperature": 0.7,
+        },
+        {
+            "idx": 2,
+            "model": "m",
+            "prompt_tokens": 5,
+            "output_tokens": 1100,
+            "finish_reason": "length",
+            "seconds": 9.0,
+            "max_tokens": 1100,
+            "temperature": 0.7,
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sorted(read_collected([path])) == [("m", 1, 300), ("m", 2, MAX_TOKENS)]
