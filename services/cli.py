@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--load", type=float, default=0.9, help="arrival rate / measured capacity")
     rp.add_argument("--requests", type=int, default=100)
     rp.add_argument("--max-len", type=int, default=512, help="cap on replayed output lengths")
-    rp.add_argument("--max-seqs", type=int, default=4, help="worker batch slots (a capped batch)")
-    rp.add_argument("--layers", type=int, default=8, help="SmolLM2 layers kept (30 = full model)")
+    rp.add_argument("--max-seqs", type=int, default=2, help="worker batch slots (a capped batch)")
+    rp.add_argument("--layers", type=int, default=4, help="SmolLM2 layers kept (30 = full model)")
+    rp.add_argument("--aging-factor", type=float, default=2.0, help="promote after this x predicted exec")
     rp.add_argument("--policies", default="fcfs,ssjf,oracle")
     rp.add_argument("--slo-scale", type=float, default=5.0)
     rp.add_argument("--seed", type=int, default=0)
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
             slo_scale=args.slo_scale,
             seed=args.seed,
+            aging_factor=args.aging_factor,
             command=" ".join(["muserve", *sys.argv[1:]]),
         )
         return

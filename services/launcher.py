@@ -272,7 +272,9 @@ class Cluster:
                 raise RuntimeError(f"service {s.spec.name} exited with code {code}\n{tail}")
 
     def wait_ready(self, gateway_url: str, models: list[str], timeout_s: float = 300.0) -> None:
-        """Until the gateway says every listed model has a live worker and a scheduler runs."""
+        """Until the gateway says every listed model has a live worker, a scheduler runs and, if this
+        cluster started one, a predictor answers."""
+        want_predictor = any(rs.spec.name == "predictor" for rs in self.services)
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
@@ -285,9 +287,14 @@ class Cluster:
             except OSError:
                 body = {}
             ready = body.get("models", {})
-            if body.get("scheduler") and all(ready.get(m) for m in models):
+            missing = [m for m in models if not ready.get(m)]
+            if not body.get("scheduler"):
+                missing.append("scheduler")
+            if want_predictor and not body.get("predictor"):
+                missing.append("predictor")
+            if not missing:
                 return
-            status = f"waiting for {', '.join(m for m in models if not ready.get(m)) or 'scheduler'}"
+            status = f"waiting for {', '.join(missing)}"
             if status != last:
                 self.echo(status + " ...")
                 last = status

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.subjects import check_token
+from services.predictor.artifacts import default_edges_tokens
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
@@ -140,9 +141,9 @@ class PredictorSettings(BaseModel):
     # 0 = opportunistic batching: run at once when idle, batch whatever arrived while busy.
     batch_window_ms: float = Field(default=0.0, ge=0.0)
     max_batch: int = Field(default=64, ge=1)
-    # Class edges of the median baseline; the proxy model brings its own. These are the shipped
+    # Class edges of the median baseline; the proxy model brings its own. By default the shipped
     # artifact's (p25/p50/p75/p99 of its training answers), so both number classes alike.
-    edges_tokens: list[int] = Field(default_factory=lambda: [145, 308, 484, 1132])
+    edges_tokens: list[int] = Field(default_factory=default_edges_tokens)
 
     @field_validator("edges_tokens")
     @classmethod

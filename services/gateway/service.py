@@ -137,6 +137,8 @@ class Gateway:
         self.workers: dict[str, tuple[str, float]] = {}  # worker_id -> (model, last seen)
         self.last_queue_telemetry_s = 0.0
         self.started_s = time.time()
+        self._predictor_ok = False
+        self._predictor_checked_s = -1e9
         self._nuid = nats.nuid.NUID()
 
     async def start(self) -> None:
@@ -167,6 +169,19 @@ class Gateway:
             tel = decode(QueueTelemetry, msg.data)
             self.last_queue_telemetry_s = time.time()
             self.metrics.queue_depth.labels(tel.group).set(tel.depth)
+
+    async def predictor_alive(self) -> bool:
+        """Whether a predictor answers its status endpoint (cached briefly: /readyz may be polled often)."""
+        now = time.monotonic()
+        if now - self._predictor_checked_s < 1.0:
+            return self._predictor_ok
+        try:
+            msg = await self.nc.request(subjects.status("predictor"), b"", timeout=0.25)
+            self._predictor_ok = not is_no_responders(msg)
+        except Exception:  # timeout or no responders: the scheduler's baseline predicts meanwhile
+            self._predictor_ok = False
+        self._predictor_checked_s = now
+        return self._predictor_ok
 
     def live_workers(self, model: str) -> int:
         """Workers that sent a heartbeat recently for a model."""
@@ -550,7 +565,15 @@ def build_app(gw: Gateway) -> web.Application:
         scheduler = time.time() - gw.last_queue_telemetry_s < max(3 * interval_s, 2.0)
         ready_models = {m.name: gw.live_workers(m.name) > 0 for m in settings.models}
         ok = gw.nc.is_connected and scheduler and any(ready_models.values())
-        body = {"ready": ok, "nats": gw.nc.is_connected, "scheduler": scheduler, "models": ready_models}
+        # Reported, not required: without a predictor the scheduler's median baseline predicts.
+        predictor = await gw.predictor_alive() if gw.nc.is_connected else False
+        body = {
+            "ready": ok,
+            "nats": gw.nc.is_connected,
+            "scheduler": scheduler,
+            "predictor": predictor,
+            "models": ready_models,
+        }
         return web.json_response(body, status=200 if ok else 503)
 
     async def metrics_handler(request: web.Request) -> web.Response:

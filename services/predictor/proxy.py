@@ -32,11 +32,12 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel
 
 from services.common.schemas import Prediction, PredictItem
+from services.predictor.artifacts import DEFAULT_ARTIFACT_DIR
 from services.predictor.base import LengthPredictor, length_class
 from services.worker.models import minilm_path
 
 ARTIFACT_FORMAT = 1
-DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "default"
+DEFAULT_ARTIFACT = DEFAULT_ARTIFACT_DIR
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "proxy.safetensors"
 UNKNOWN_MODEL = "<unknown>"

@@ -20,6 +20,7 @@ from services.common.schemas import (
     CompletionRecord,
     ErrorCode,
     ErrorInfo,
+    PredictItem,
     PredictReply,
     PredictRequest,
 )
@@ -61,6 +62,16 @@ def build_predictor(settings: Settings) -> LengthPredictor:
     return proxy
 
 
+def warm_up(predictor: LengthPredictor, settings: Settings) -> None:
+    """A few throw-away predictions at the batch sizes and lengths serving will see."""
+    model = next((m.name for m in settings.models if m.kind == "chat"), "warm-up")
+    texts = ["Hi.", "Write a long story about a dragon. " * 40, "Explain continuous batching."]
+    for n in (1, 3, 8):
+        predictor.predict(
+            [PredictItem(request_id=f"warm-{i}", model=model, text=texts[i % 3]) for i in range(n)]
+        )
+
+
 def clip_text(text: str) -> str:
     """Keep head and tail of very long prompts."""
     if len(text) <= MAX_TEXT_CHARS:
@@ -75,6 +86,10 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     predictor = await asyncio.get_running_loop().run_in_executor(torch_thread, build_predictor, settings)
     heavy = not isinstance(predictor, MedianLengthPredictor)
+    if heavy:
+        # The first forward passes are slow (allocations, kernel choice): pay them before saying ready,
+        # not on a request the scheduler waits on.
+        await asyncio.get_running_loop().run_in_executor(torch_thread, warm_up, predictor, settings)
     batcher = MicroBatcher(
         predictor,
         window_ms=settings.predictor.batch_window_ms,

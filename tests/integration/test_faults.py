@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -182,6 +183,13 @@ async def test_a_completion_reported_twice_is_harmless(faulty: LiveCluster) -> N
     rid = json.loads(body)["id"].removeprefix("cmpl-")
     nc = await nats.connect(faulty.nats_url)
     try:
+        # The worker streams the answer before it reports done: wait until the scheduler closed the job.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            st = json.loads((await nc.request(subjects.status("scheduler"), b"", timeout=5)).data)
+            if st["groups"]["chat"]["jobs"] == 0:
+                break
+            await asyncio.sleep(0.05)
         report = {"request_id": rid, "worker_id": "w-replayed", "group": "chat", "model": DEFAULT_CHAT_MODEL}
         for _ in range(2):
             ack = msgpack.unpackb(
