@@ -183,29 +183,39 @@ async def _replay(
     return PolicyRun(policy="", outcomes=list(outcomes), depth=depth, wall_s=wall)
 
 
-async def _calibrate(url: str, model: str, slots: int, tokens: int) -> dict[str, float]:
-    """Throughput with every slot busy, and one request's step time alone (for capacity and SLOs)."""
-    body: dict[str, Any] = {"model": model, "prompt": "Calibrate.", "max_tokens": tokens, "ignore_eos": True}
+async def _calibrate(
+    url: str, model: str, slots: int, mix: list[tuple[int, str, int]], solo_tokens: int
+) -> dict[str, float]:
+    """Saturated throughput on the workload's own mix (every slot busy, a queue behind), and one
+    request's time alone (for the SLO)."""
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
-        async def run() -> dict[str, Any]:
-            async with session.post(f"{url}/v1/completions", json=body) as resp:
+        async def run(prompt: str, tokens: int) -> dict[str, Any]:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": tokens,
+                "ignore_eos": True,
+                "temperature": 0.0,
+            }
+            async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
                 out: dict[str, Any] = await resp.json()
                 return out
 
-        await run()  # warm-up
+        await run("Warm up.", 16)
         t = time.perf_counter()
-        solo = await run()
+        solo = await run("Calibrate.", solo_tokens)
         solo_s = time.perf_counter() - t
         t = time.perf_counter()
-        await asyncio.gather(*(run() for _ in range(2 * slots)))
+        await asyncio.gather(*(run(p, n) for _, p, n in mix))
         busy_s = time.perf_counter() - t
     u = solo["usage"]
     return {
-        "tokens_per_s_full": 2 * slots * tokens / busy_s,
+        "tokens_per_s_full": sum(n for _, _, n in mix) / busy_s,
+        "calibration_requests": float(len(mix)),
         "solo_ttft_ms": float(u["ttft_ms"]),
-        "solo_ms_per_token": (solo_s * 1000.0 - float(u["ttft_ms"])) / max(tokens - 1, 1),
+        "solo_ms_per_token": (solo_s * 1000.0 - float(u["ttft_ms"])) / max(solo_tokens - 1, 1),
     }
 
 
@@ -294,9 +304,12 @@ def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         f"(ignore_eos; capped at {meta['max_len']} tokens; mean {meta['mean_tokens']:.0f}), arrivals "
         f"`{meta['arrivals']}` rescaled to "
         f"load factor {meta['load']} of the measured capacity ({meta['capacity_rps']:.3f} req/s = "
-        f"{meta['calibration']['tokens_per_s_full']:.0f} tokens/s with every slot busy / mean length).",
+        f"{meta['calibration']['tokens_per_s_full']:.0f} tokens/s, measured with every slot busy and "
+        f"{meta['calibration']['calibration_requests']:.0f} other test prompts of the same mix queued, "
+        "/ mean length).",
         f"Worker: SmolLM2-135M-Instruct, {meta['worker']}. Predictor: {meta['predictor']}. "
         "GPU clock fixed at max (simulated V100, `max-clock`): only the queue order differs between runs.",
+        f"SSJF and oracle promote a request that waited {meta['aging_factor']:g} x its predicted exec time. "
         f"SLO per request: JCT <= {meta['slo_scale']:g} x (solo TTFT + tokens x solo time per token) = "
         f"{meta['slo_scale']:g} x ({meta['calibration']['solo_ttft_ms']:.0f} ms + tokens x "
         f"{meta['calibration']['solo_ms_per_token']:.1f} ms).",
@@ -336,8 +349,9 @@ def run_replay(
     load: float = 0.9,
     requests: int = 100,
     max_len: int = 512,
-    max_seqs: int = 4,
-    layers: int | None = 8,
+    max_seqs: int = 2,
+    layers: int | None = 4,
+    aging_factor: float = 2.0,
     policies: tuple[str, ...] = POLICIES,
     slo_scale: float = 5.0,
     seed: int = 0,
@@ -367,14 +381,20 @@ def run_replay(
     capacity_rps = 0.0
     workload: list[ReplayRequest] = []
     for policy in policies:
-        groups = {"chat": {"policy": policy, "max_queue": 100_000}, "embed": {"policy": "fcfs"}}
+        groups = {
+            "chat": {"policy": policy, "max_queue": 100_000, "aging_factor": aging_factor},
+            "embed": {"policy": "fcfs"},
+        }
         tmp = Path(tempfile.mkdtemp(prefix=f"muserve-replay-{policy}-"))
         cluster, url = _cluster(tmp, {**env, "MUSERVE_GROUPS": json.dumps(groups)})
         try:
             cluster.wait_ready(url, [name], timeout_s=300)
             if not workload:
                 mean_tokens = statistics.fmean(t for _, _, t in chosen)
-                calibration = asyncio.run(_calibrate(url, name, max_seqs, round(mean_tokens)))
+                # Calibrate on other test prompts with the same length mix (not the replayed ones).
+                rest = [x for x in pool if x not in chosen] or chosen
+                mix = random.Random(seed + 1).sample(rest, min(6 * max_seqs, len(rest)))
+                calibration = asyncio.run(_calibrate(url, name, max_seqs, mix, round(mean_tokens)))
                 capacity_rps = calibration["tokens_per_s_full"] / mean_tokens
                 times = arrival_offsets(arrivals, len(chosen), load * capacity_rps, seed, data_dir)
                 workload = [ReplayRequest(i, p, t, a) for (i, p, t), a in zip(chosen, times, strict=True)]
@@ -414,7 +434,8 @@ def run_replay(
         "slo_scale": slo_scale,
         "ratios": ratios,
         "worker": f"max_seqs {max_seqs}, {layers or 30} of 30 layers, bf16",
-        "predictor": "the shipped proxy artifact (per-model class -> tokens)",
+        "aging_factor": aging_factor,
+        "predictor": "the shipped proxy artifact (SSJF orders by its continuous estimate)",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(
