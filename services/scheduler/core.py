@@ -150,6 +150,14 @@ class GroupCore:
         self.jobs[job.request_id] = JobState(job=job, status=JobStatus.QUEUED)
         self.queue.add(self._queued(job))
 
+    def reestimate(self, request_id: str) -> bool:
+        """A queued job's prediction changed: re-key it in the queue (False if it is not queued)."""
+        state = self.jobs.get(request_id)
+        if state is None or state.status is not JobStatus.QUEUED:
+            return False
+        job = state.job
+        return self.queue.reprioritize(request_id, job.predicted_exec_ms, job.rank_exec_ms)
+
     @staticmethod
     def _queued(job: Job) -> QueuedRequest:
         return QueuedRequest(

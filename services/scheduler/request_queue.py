@@ -6,7 +6,7 @@ import heapq
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -46,15 +46,17 @@ class _LazyHeap:
     """A heap whose entries can be deleted in O(1) by forgetting them in the owner's index."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[Any, QueuedRequest]] = []
+        # (key, push counter, request): the counter breaks ties, so requests are never compared.
+        self._heap: list[tuple[Any, int, QueuedRequest]] = []
+        self._pushes = itertools.count()
 
     def push(self, key: Any, req: QueuedRequest) -> None:
-        heapq.heappush(self._heap, (key, req))
+        heapq.heappush(self._heap, (key, next(self._pushes), req))
 
     def top(self, alive: dict[str, QueuedRequest]) -> tuple[Any, QueuedRequest] | None:
         # Drop entries whose request left the queue (or was re-added as a new object).
         while self._heap:
-            key, req = self._heap[0]
+            key, _, req = self._heap[0]
             if alive.get(req.request_id) is req:
                 return key, req
             heapq.heappop(self._heap)
@@ -91,6 +93,16 @@ class RequestQueue(ABC):
         if req is not None:
             self._forget(req)
         return req
+
+    def reprioritize(self, request_id: str, predicted_exec_ms: float, rank_ms: float | None = None) -> bool:
+        """Re-key a queued request whose estimate changed (a late prediction); it keeps its arrival
+        and insertion order. False if it is not queued."""
+        req = self._alive.get(request_id)
+        if req is None:
+            return False
+        self._forget(req)
+        self.add(replace(req, predicted_exec_ms=predicted_exec_ms, rank_ms=rank_ms))
+        return True
 
     def remove(self, request_id: str) -> QueuedRequest | None:
         """Take a specific request out (cancel, timeout)."""

@@ -273,14 +273,14 @@ class Scheduler:
         )
         fast = self._idle_worker_for(spec)
         if not fast:
-            # It will wait in the queue: it must be on JetStream, and ordered by its prediction.
+            # It will wait in the queue: it must be on JetStream first.
             err = await self._persisted(rid, spec.group, persisting, predicting)
             if err is not None:
                 return err, rid
-            if predicting is not None:
-                prediction = await predicting
-                self._apply_prediction(job, spec, prediction)
-                span.set_attribute("muserve.length_class", prediction.length_class)
+        if isinstance(req, GenerateRequest):
+            # Queued under the local median baseline until the predictor answers (a few ms, while queue
+            # waits under load are seconds): the predictor is never on a request's critical path.
+            self._apply_prediction(job, spec, self._baseline(rid, model))
         # Fast path (nothing queued, a worker waits): its queue position is moot, so it goes out now and
         # JetStream catches up within a millisecond; a job on a live worker survives a scheduler crash.
         core.enqueue(job, time.time())
@@ -292,8 +292,8 @@ class Scheduler:
         await self._dispatch(spec.group)
         if fast:
             self.tasks.spawn(self._persisted(rid, spec.group, persisting, None))
-            if predicting is not None:
-                self.tasks.spawn(self._late_prediction(core, job, spec, predicting))
+        if predicting is not None:
+            self.tasks.spawn(self._late_prediction(core, job, spec, predicting))
         return None, rid
 
     async def _persisted(
@@ -338,9 +338,12 @@ class Scheduler:
     async def _late_prediction(
         self, core: GroupCore, job: Job, spec: ModelSpec, predicting: asyncio.Task[Prediction]
     ) -> None:
-        """Attach a prediction that arrived after dispatch; tell the worker so usage reports it."""
+        """Attach the predictor's answer: re-rank the job if it still waits, else tell its worker so
+        usage reports it."""
         prediction = await predicting
         self._apply_prediction(job, spec, prediction)
+        if core.reestimate(job.request_id):
+            return
         state = core.jobs.get(job.request_id)
         if state is not None and state.worker_id is not None:
             note = PredictionNote(
@@ -366,6 +369,10 @@ class Scheduler:
         job.ms_per_token = ms_per_token
         job.predicted_exec_ms = const_ms + ms_per_token * tokens
         job.rank_exec_ms = const_ms + ms_per_token * rank
+
+    def _baseline(self, rid: str, model: str) -> Prediction:
+        """The local median baseline's prediction (it reads no text, so costs microseconds)."""
+        return self.fallback.predict([PredictItem(request_id=rid, model=model, text="")])[0]
 
     async def _predict(self, rid: str, model: str, text: str) -> Prediction:
         """Ask the predictor service; fall back to the local baseline if it is slow or absent."""
@@ -501,6 +508,8 @@ class Scheduler:
         model = self.exec_models.get(rec.model)
         if model is not None and rec.finish_reason in ("stop", "length"):
             model.observe(rec.completion_tokens, rec.exec_ms)
+            # The provisional rank of a queued job is this baseline: keep its median current.
+            self.fallback.observe(rec.model, rec.completion_tokens)
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:

@@ -326,3 +326,28 @@ def test_random_scenarios_respect_the_aging_bound(seed_block: int) -> None:
             assert served_at[rid] <= bound_s + 1e-9, f"seed {seed}: {rid} served late"
             p = q.promote_at_s(QueuedRequest(rid, arrivals[order[rid]], sizes[order[rid]]))
             assert served_at[rid] <= p + (k + 1) * interval_s + 1e-9
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "ssjf", "oracle"])
+def test_reprioritize_rekeys_a_queued_request_and_keeps_its_arrival(policy: str) -> None:
+    q = make_request_queue(policy)
+    q.add(req("a", arrival_s=0.0, predicted_exec_ms=50.0))
+    q.add(req("b", arrival_s=0.001, predicted_exec_ms=20.0))
+    q.add(req("c", arrival_s=0.002, predicted_exec_ms=30.0))
+    # A late prediction says "c" is tiny: SSJF serves it first; FCFS order is untouched.
+    assert q.reprioritize("c", predicted_exec_ms=1.0)
+    assert q.predicted_work_ms == pytest.approx(71.0)
+    assert not q.reprioritize("missing", predicted_exec_ms=1.0)
+    assert len(q) == 3
+    order = drain(q, now_s=0.002)
+    assert order == (["a", "b", "c"] if policy == "fcfs" else ["c", "b", "a"])
+
+
+def test_reprioritize_recomputes_the_aging_bound() -> None:
+    q = SSJFQueue(aging_factor=2.0, max_wait_ms=60_000.0)
+    q.add(req("long", arrival_s=0.0, predicted_exec_ms=1_000.0))
+    q.add(req("short", arrival_s=0.99, predicted_exec_ms=10.0))
+    # At 1 s "long" is not yet due (bound 2 s); re-estimated to 400 ms its bound is 0.8 s: promoted.
+    assert peek_id(q, now_s=1.0) == "short"
+    q.reprioritize("long", predicted_exec_ms=400.0)
+    assert peek_id(q, now_s=1.0) == "long"

@@ -524,3 +524,17 @@ def test_expire_does_not_report_a_job_as_requeued_and_failed() -> None:
     res = core.expire(5.0)
     assert [f.job.request_id for f in res.failed] == ["a"]
     assert res.requeued == []
+
+
+def test_reestimate_reorders_a_queued_job_but_not_a_running_one() -> None:
+    core = make_core("ssjf")
+    core.on_heartbeat(make_hb(slots=1), 0.0)
+    a, b = make_job("a", predicted_exec_ms=100.0), make_job("b", predicted_exec_ms=200.0)
+    core.enqueue(a, 0.0)
+    core.enqueue(b, 0.0)
+    b.predicted_exec_ms = b.rank_exec_ms = 10.0  # a late prediction: "b" is short
+    assert core.reestimate("b")
+    assert core.queue.predicted_work_ms == pytest.approx(110.0)
+    assert [j.request_id for j in core.take("w1", 1, 0.0)] == ["b"]
+    assert not core.reestimate("b")  # running: nothing to re-key
+    assert not core.reestimate("nope")
