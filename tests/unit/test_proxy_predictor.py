@@ -332,3 +332,26 @@ def test_collected_answers_cut_by_max_tokens_count_as_longest(tmp_path: Path) ->
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert sorted(read_collected([path])) == [("m", 1, 300), ("m", 2, MAX_TOKENS)]
+
+
+def test_fast_encoder_matches_hf_bert_on_padded_batches() -> None:
+    import copy
+
+    import torch
+
+    from services.predictor.fast_encoder import FastBertEncoder
+    from services.predictor.proxy import load_encoder, load_tokenizer, pad_sequences
+    from services.worker.models import minilm_path
+
+    bert = load_encoder(minilm_path(), 3)
+    fast = FastBertEncoder(copy.deepcopy(bert))
+    tok = load_tokenizer(minilm_path())
+    seqs = [tok(t)["input_ids"] for t in TEXTS]
+    ids, mask = pad_sequences(seqs)
+    with torch.inference_mode():
+        ref = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = fast(ids, mask)
+        alone = fast(*pad_sequences(seqs[:1]))
+    valid = mask.bool()
+    assert torch.allclose(got[valid], ref[valid], atol=1e-4)
+    assert torch.allclose(alone[0], ref[0, : len(seqs[0])], atol=1e-4)  # no mask path
