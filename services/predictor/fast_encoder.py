@@ -10,7 +10,7 @@ int8 dynamic quantization applies unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812  # the usual torch alias
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel
 
