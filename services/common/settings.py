@@ -141,6 +141,9 @@ class PredictorSettings(BaseModel):
     # 0 = opportunistic batching: run at once when idle, batch whatever arrived while busy.
     batch_window_ms: float = Field(default=0.0, ge=0.0)
     max_batch: int = Field(default=64, ge=1)
+    # CPU priority (nice) of the predictor process: its work is off every request's critical path, so
+    # where it shares cores with the gateway and scheduler it yields to them. 0 keeps normal priority.
+    nice: int = Field(default=5, ge=0, le=19)
     # Class edges of the median baseline; the proxy model brings its own. By default the shipped
     # artifact's (p25/p50/p75/p99 of its training answers), so both number classes alike.
     edges_tokens: list[int] = Field(default_factory=default_edges_tokens)
@@ -159,7 +162,9 @@ class PowerdSettings(BaseModel):
     backend: Literal["auto", "nvml", "sim"] = "auto"
     profile: str = "v100"
     gpus: int = Field(default=1, ge=1)
-    policy: Literal["max-clock", "queue-threshold"] = "queue-threshold"
+    policy: Literal["max-clock", "queue-threshold", "slo-aware"] = "queue-threshold"
+    # slo-aware: a request may take slo_scale x its predicted exec time at max clock, waiting included.
+    slo_scale: float = Field(default=5.0, gt=0.0)
     interval_ms: float = Field(default=250.0, gt=0.0)
     dry_run: bool = False
 

@@ -82,6 +82,8 @@ def clip_text(text: str) -> str:
 
 async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     """Run until stop is set."""
+    if settings.predictor.nice:
+        os.nice(settings.predictor.nice)  # before torch starts its threads, so they inherit it
     # One thread for every torch call (load, predict): torch is much slower on a thread it did not start on.
     torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
     predictor = await asyncio.get_running_loop().run_in_executor(torch_thread, build_predictor, settings)
