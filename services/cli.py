@@ -153,7 +153,97 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--slo-scale", type=float, default=5.0)
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
+    _sim_and_profile_commands(sub)
     return parser
+
+
+def _sim_and_profile_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`muserve sim` (discrete-event simulator) and `muserve profile` (frequency sensitivity)."""
+    sim = sub.add_parser("sim", help="simulate {fcfs,ssjf,oracle} x {max-clock,queue-threshold,slo-aware}")
+    sim.add_argument("--data", type=Path, default=DATA, help="folder with the Azure trace CSVs")
+    sim.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
+    sim.add_argument("--workload", default="azure-conv", help="azure-conv, azure-code, poisson or gamma")
+    sim.add_argument("--requests", type=int, help="requests of the workload (default: the whole trace)")
+    sim.add_argument("--profile", default="V100", help="GPU profile: V100, A100 or H100")
+    sim.add_argument(
+        "--model", default="llama-3.2-3b", help="built-in model shape or an HF folder/config.json"
+    )
+    sim.add_argument("--slots", type=int, default=8, help="sequences per GPU (the worker's max_seqs)")
+    sim.add_argument("--gpus", type=int, help="cluster size (default: smallest meeting the SLO at max clock)")
+    sim.add_argument("--low-load", type=float, default=0.5, help="low load as a fraction of the trace's rate")
+    sim.add_argument(
+        "--slo-scale", type=float, default=5.0, help="SLO: JCT <= this x time alone at max clock"
+    )
+    sim.add_argument("--sensitivity", type=float, help="s given to the policy (default: roofline estimate)")
+    sim.add_argument("--confusion", type=Path, help="predictor confusion matrix JSON (default: shipped)")
+    sim.add_argument("--calibration", type=Path, help="step-model calibration JSON (default: roofline)")
+    sim.add_argument("--sweep-loads", default="0.25,0.75,1.25", help="extra SSJF loads to compare")
+    sim.add_argument("--speed-gpus", type=int, default=1000, help="speed run cluster size (0: skip)")
+    sim.add_argument("--speed-requests", type=int, default=1_000_000, help="speed run requests (0: skip)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prof = sub.add_parser("profile", help="a model's frequency sensitivity: NVML-measured, else roofline")
+    prof.add_argument("--model", default="llama-3.2-3b", help="built-in model shape or an HF folder")
+    prof.add_argument("--profile", default="V100", help="GPU profile for the roofline estimate")
+    prof.add_argument("--gpu", type=int, default=0, help="NVML device index to measure on")
+    prof.add_argument("--batch", type=int, default=8)
+    prof.add_argument("--context", type=int, default=1024, help="context tokens per sequence")
+    prof.add_argument("--prompt-tokens", type=float, help="with --output-tokens: a request's GPU-time mix")
+    prof.add_argument("--output-tokens", type=float)
+    prof.add_argument("--clocks", type=int, default=5, help="locked clocks to measure at")
+    prof.add_argument("--repeats", type=int, default=20)
+    prof.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _sim_or_profile(args: argparse.Namespace) -> int:
+    """Run `muserve sim` or `muserve profile`."""
+    if args.cmd == "profile":
+        import json
+
+        from services.powerd.sensitivity import run_profile
+        from services.powerd.sim_gpu import get_profile
+
+        result = run_profile(
+            args.model,
+            get_profile(args.profile),
+            gpu_index=args.gpu,
+            batch=args.batch,
+            context_tokens=args.context,
+            prompt_tokens=args.prompt_tokens,
+            output_tokens=args.output_tokens,
+            clocks=args.clocks,
+            repeats=args.repeats,
+            log=(lambda _m: None) if args.json else print,
+        )
+        if args.json:
+            print(json.dumps(result, indent=1))
+        return 0
+    from services.sim.report import SimPlan, parse_loads, run_sim
+
+    run_sim(
+        SimPlan(
+            data_dir=args.data,
+            out_dir=args.out,
+            profile=args.profile,
+            model=args.model,
+            workload=args.workload,
+            requests=args.requests,
+            slots=args.slots,
+            gpus=args.gpus,
+            low_load=args.low_load,
+            slo_scale=args.slo_scale,
+            sensitivity=args.sensitivity,
+            confusion=args.confusion,
+            calibration=args.calibration,
+            sweep_loads=parse_loads(args.sweep_loads),
+            speed_gpus=args.speed_gpus,
+            speed_requests=args.speed_requests,
+            seed=args.seed,
+            progress=not args.no_progress,
+            command=" ".join(["muserve", *sys.argv[1:]]),
+        )
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     env = _overrides(args)
     _apply(env)
     cmd = args.cmd
+    if cmd in ("sim", "profile"):
+        sys.exit(_sim_or_profile(args))
     if cmd == "predictor" and args.predictor_cmd:
         sys.exit(_predictor(args))
     if cmd in ("gateway", "scheduler", "predictor", "powerd", "worker"):

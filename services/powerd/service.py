@@ -25,10 +25,14 @@ from services.powerd.sim_gpu import SimulatedGpu
 log = logging.getLogger("muserve.powerd")
 
 
-def snapshot_for_gpu(node: str, gpu: int, queues: list[QueueTelemetry]) -> QueueSnapshot:
+def snapshot_for_gpu(
+    node: str, gpu: int, queues: list[QueueTelemetry], sensitivity: dict[str, float] | None = None
+) -> QueueSnapshot:
     """The share of each group's queue that lands on one GPU (by its share of the group's slots)."""
     depth = running = 0.0
-    work_ms = oldest_ms = 0.0
+    work_ms = oldest_ms = rate = 0.0
+    slots = pooled = 0
+    s: float | None = None
     for q in queues:
         total_slots = sum(w.slots for w in q.workers) or 1
         mine = sum(w.slots for w in q.workers if w.node == node and w.gpu == gpu)
@@ -39,8 +43,20 @@ def snapshot_for_gpu(node: str, gpu: int, queues: list[QueueTelemetry]) -> Queue
         running += q.running * share
         work_ms += (q.predicted_work_ms + q.running_work_ms) * share
         oldest_ms = max(oldest_ms, q.oldest_wait_ms)
+        rate += q.arrivals_per_s * share
+        slots += mine
+        pooled += total_slots
+        if sensitivity and q.group in sensitivity:
+            s = max(s or 0.0, sensitivity[q.group])  # one clock for the GPU: the most sensitive group
     return QueueSnapshot(
-        depth=round(depth), running=round(running), predicted_work_ms=work_ms, oldest_wait_ms=oldest_ms
+        depth=round(depth),
+        running=round(running),
+        predicted_work_ms=work_ms,
+        oldest_wait_ms=oldest_ms,
+        arrivals_per_s=rate,
+        slots=max(slots, 1),
+        sensitivity=s,
+        queue_slots=max(pooled, slots, 1),
     )
 
 
@@ -54,7 +70,13 @@ class PowerDaemon:
         self.gpus: list[GpuBackend] = [
             make_gpu(self.cfg.backend, i, self.cfg.profile) for i in range(self.cfg.gpus)
         ]
-        self.policies: list[ClockPolicy] = [make_clock_policy(self.cfg.policy) for _ in self.gpus]
+        extra = {"slo_scale": self.cfg.slo_scale} if self.cfg.policy == "slo-aware" else {}
+        self.policies: list[ClockPolicy] = [make_clock_policy(self.cfg.policy, **extra) for _ in self.gpus]
+        # Per group: the highest frequency sensitivity of its models (what the SLO-aware policy plans with).
+        self.sensitivity: dict[str, float] = {}
+        for group in settings.groups:
+            if models := settings.models_in(group):
+                self.sensitivity[group] = max(m.sensitivity for m in models)
         self.queues: dict[str, QueueTelemetry] = {}
         self.steps: dict[int, StepTelemetry] = {}
         self.locked: dict[int, int | None] = {g.index: None for g in self.gpus}
@@ -121,7 +143,7 @@ class PowerDaemon:
                 if st is not None and st.ts_s >= now_s - 2 * st.interval_ms / 1000.0:
                     util = min(st.busy_ms / st.interval_ms, 1.0)
                 gpu.set_utilization(util)
-            snap = snapshot_for_gpu(self.settings.node, gpu.index, fresh)
+            snap = snapshot_for_gpu(self.settings.node, gpu.index, fresh, self.sensitivity)
             clocks = gpu.supported_clocks_mhz()
             want = policy.choose_clock_mhz(snap, clocks, now_s)
             if want != self.locked[gpu.index]:
