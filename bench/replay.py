@@ -184,38 +184,29 @@ async def _replay(
 
 
 async def _calibrate(
-    url: str, model: str, slots: int, mix: list[tuple[int, str, int]], solo_tokens: int
+    url: str, model: str, mix: list[tuple[int, str, int]], solo_tokens: int
 ) -> dict[str, float]:
-    """Saturated throughput on the workload's own mix (every slot busy, a queue behind), and one
-    request's time alone (for the SLO)."""
+    """Saturated throughput on the workload's own mix, streamed exactly like the replay (every slot busy,
+    a queue behind: per-token chunks cost CPU on this machine too), and one request's time alone (SLO)."""
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-
-        async def run(prompt: str, tokens: int) -> dict[str, Any]:
-            body = {
-                "model": model,
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": tokens,
-                "ignore_eos": True,
-                "temperature": 0.0,
-            }
-            async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-                out: dict[str, Any] = await resp.json()
-                return out
-
-        await run("Warm up.", 16)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024)) as session:
+        await _one(session, url, model, ReplayRequest(-1, "Warm up.", 16, 0.0), time.perf_counter())
+        solo = await _one(
+            session, url, model, ReplayRequest(-1, "Calibrate.", solo_tokens, 0.0), time.perf_counter()
+        )
         t = time.perf_counter()
-        solo = await run("Calibrate.", solo_tokens)
-        solo_s = time.perf_counter() - t
-        t = time.perf_counter()
-        await asyncio.gather(*(run(p, n) for _, p, n in mix))
+        runs = await asyncio.gather(
+            *(_one(session, url, model, ReplayRequest(i, p, n, 0.0), t) for i, p, n in mix)
+        )
         busy_s = time.perf_counter() - t
-    u = solo["usage"]
+    failed = [o for o in [solo, *runs] if o.error is not None]
+    if failed:
+        raise RuntimeError(f"calibration failed: {failed[0].error}")
     return {
         "tokens_per_s_full": sum(n for _, _, n in mix) / busy_s,
         "calibration_requests": float(len(mix)),
-        "solo_ttft_ms": float(u["ttft_ms"]),
-        "solo_ms_per_token": (solo_s * 1000.0 - float(u["ttft_ms"])) / max(solo_tokens - 1, 1),
+        "solo_ttft_ms": solo.ttft_ms,
+        "solo_ms_per_token": (solo.jct_ms - solo.ttft_ms) / max(solo_tokens - 1, 1),
     }
 
 
@@ -304,9 +295,9 @@ def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         f"(ignore_eos; capped at {meta['max_len']} tokens; mean {meta['mean_tokens']:.0f}), arrivals "
         f"`{meta['arrivals']}` rescaled to "
         f"load factor {meta['load']} of the measured capacity ({meta['capacity_rps']:.3f} req/s = "
-        f"{meta['calibration']['tokens_per_s_full']:.0f} tokens/s, measured with every slot busy and "
-        f"{meta['calibration']['calibration_requests']:.0f} other test prompts of the same mix queued, "
-        "/ mean length).",
+        f"{meta['calibration']['tokens_per_s_full']:.0f} tokens/s, measured streaming "
+        f"{meta['calibration']['calibration_requests']:.0f} other test prompts of the same mix at once, "
+        "every slot busy, / mean length).",
         f"Worker: SmolLM2-135M-Instruct, {meta['worker']}. Predictor: {meta['predictor']}. "
         "GPU clock fixed at max (simulated V100, `max-clock`): only the queue order differs between runs.",
         f"SSJF and oracle promote a request that waited {meta['aging_factor']:g} x its predicted exec time. "
@@ -393,8 +384,8 @@ def run_replay(
                 mean_tokens = statistics.fmean(t for _, _, t in chosen)
                 # Calibrate on other test prompts with the same length mix (not the replayed ones).
                 rest = [x for x in pool if x not in chosen] or chosen
-                mix = random.Random(seed + 1).sample(rest, min(6 * max_seqs, len(rest)))
-                calibration = asyncio.run(_calibrate(url, name, max_seqs, mix, round(mean_tokens)))
+                mix = random.Random(seed + 1).sample(rest, min(10 * max_seqs, len(rest)))
+                calibration = asyncio.run(_calibrate(url, name, mix, round(mean_tokens)))
                 capacity_rps = calibration["tokens_per_s_full"] / mean_tokens
                 times = arrival_offsets(arrivals, len(chosen), load * capacity_rps, seed, data_dir)
                 workload = [ReplayRequest(i, p, t, a) for (i, p, t), a in zip(chosen, times, strict=True)]
