@@ -27,15 +27,19 @@ class QueuedRequest:
     arrival_s: float
     predicted_exec_ms: float
     payload: Any = None
-    # Ordering key when finer than predicted_exec_ms (which still drives the aging bound and work sums).
+    # The finer (continuous) exec estimate when there is one: it orders the queue and sets the aging
+    # bound; predicted_exec_ms (the length class's typical exec) still drives the work sums.
     rank_ms: float | None = None
     # Insertion order, assigned by the queue on first add; kept when a request is put back.
     seq: int = field(default=-1, compare=False)
 
+    def estimate_ms(self) -> float:
+        """The finest predicted exec time at hand."""
+        return self.predicted_exec_ms if self.rank_ms is None else self.rank_ms
+
     def sjf_key(self) -> tuple[float, float, int]:
         """Shortest predicted first; ties by arrival."""
-        rank = self.predicted_exec_ms if self.rank_ms is None else self.rank_ms
-        return (rank, self.arrival_s, self.seq)
+        return (self.estimate_ms(), self.arrival_s, self.seq)
 
     def fcfs_key(self) -> tuple[float, int]:
         """Earliest arrival first."""
@@ -181,8 +185,13 @@ class SSJFQueue(RequestQueue):
         self._by_deadline = _LazyHeap()
 
     def promote_at_s(self, req: QueuedRequest) -> float:
-        """When a request is promoted: bound from its predicted (never true) exec time."""
-        bound_ms = min(self.aging_factor * req.predicted_exec_ms, self.max_wait_ms)
+        """When a request is promoted: bound from its predicted (never true) exec time.
+
+        Promoted requests are served earliest deadline first, so the finer estimate matters here too:
+        with only class-level estimates, a loaded queue (where most requests pass their bound) would
+        serve every request of a class in arrival order, i.e. FCFS.
+        """
+        bound_ms = min(self.aging_factor * req.estimate_ms(), self.max_wait_ms)
         return req.arrival_s + bound_ms / 1000.0
 
     def peek(self, now_s: float) -> QueuedRequest | None:

@@ -351,3 +351,15 @@ def test_reprioritize_recomputes_the_aging_bound() -> None:
     assert peek_id(q, now_s=1.0) == "short"
     q.reprioritize("long", predicted_exec_ms=400.0)
     assert peek_id(q, now_s=1.0) == "long"
+
+
+def test_aging_bound_and_promoted_order_use_the_finer_estimate() -> None:
+    q = SSJFQueue(aging_factor=2.0, max_wait_ms=60_000.0)
+    # Same length class (same predicted_exec_ms), different continuous estimates.
+    long = QueuedRequest("long", arrival_s=0.0, predicted_exec_ms=100.0, rank_ms=400.0)
+    short = QueuedRequest("short", arrival_s=0.1, predicted_exec_ms=100.0, rank_ms=50.0)
+    q.add(long)
+    q.add(short)
+    assert q.promote_at_s(long) == pytest.approx(0.8) and q.promote_at_s(short) == pytest.approx(0.2)
+    # At 1 s both are past their bound: earliest deadline first is the short one, not the earlier arrival.
+    assert drain(q, now_s=1.0) == ["short", "long"]
