@@ -153,8 +153,62 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--slo-scale", type=float, default=5.0)
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
+    _powerloop_command(bsub, common)
     _sim_and_profile_commands(sub)
     return parser
+
+
+def _powerloop_command(
+    bsub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """`muserve bench powerloop`: the live closed loop, slo-aware vs max-clock on a simulated GPU."""
+    pl = bsub.add_parser(
+        "powerloop", parents=[common], help="live closed loop: slo-aware vs max-clock clocks (simulated GPU)"
+    )
+    pl.add_argument("--data", type=Path, default=DATA, help="folder with the AlpacaEval files")
+    # Short answers (median 81 tokens) keep requests short without a cap: a binding cap would make the
+    # scheduler's (uncapped) length predictions too long, and with them the clock policy's load estimate.
+    pl.add_argument("--lengths", default="alpaca-7b", help="LLM whose true output lengths are replayed")
+    pl.add_argument("--max-len", type=int, default=512, help="cap on replayed output lengths")
+    pl.add_argument("--max-seqs", type=int, default=2, help="worker batch slots")
+    pl.add_argument("--layers", type=int, default=4, help="SmolLM2 layers kept (30 = full model)")
+    pl.add_argument("--low-load", type=float, default=0.15, help="load of the low phases (x capacity)")
+    pl.add_argument("--burst-load", type=float, default=0.8, help="load of the burst (x capacity)")
+    pl.add_argument("--low-s", type=float, default=45.0, help="seconds of each low phase")
+    pl.add_argument("--burst-s", type=float, default=40.0, help="seconds of the burst")
+    pl.add_argument("--slo-scale", type=float, default=5.0, help="SLO: JCT <= this x time alone at max clock")
+    pl.add_argument(
+        "--sensitivity", type=float, default=0.6, help="the model's s (worker stretch and policy)"
+    )
+    pl.add_argument("--warmup", type=int, default=16, help="warm-up requests per run (exec-time fit)")
+    pl.add_argument("--policies", default="max-clock,slo-aware")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
+
+
+def _run_powerloop(args: argparse.Namespace) -> None:
+    """Run `muserve bench powerloop`."""
+    from bench.powerloop import Phase, run_powerloop
+
+    run_powerloop(
+        data_dir=args.data,
+        out_dir=args.out,
+        lengths_model=args.lengths,
+        max_len=args.max_len,
+        max_seqs=args.max_seqs,
+        layers=args.layers if args.layers < 30 else None,
+        phases=[
+            Phase("low", args.low_s, args.low_load),
+            Phase("burst", args.burst_s, args.burst_load),
+            Phase("low again", args.low_s, args.low_load),
+        ],
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        slo_scale=args.slo_scale,
+        sensitivity=args.sensitivity,
+        warmup=args.warmup,
+        seed=args.seed,
+        command=" ".join(["muserve", *sys.argv[1:]]),
+    )
 
 
 def _sim_and_profile_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -309,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
             aging_factor=args.aging_factor,
             command=" ".join(["muserve", *sys.argv[1:]]),
         )
+        return
+    if cmd == "bench" and args.bench == "powerloop":
+        _run_powerloop(args)
         return
     if cmd == "bench":
         from bench.overhead import run_overhead

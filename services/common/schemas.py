@@ -314,6 +314,14 @@ class CompletionRecord(Wire):
     prediction: Prediction | None = None
     queue_ms: float
     exec_ms: float
+    # Added later (optional, so older workers still validate): where it ran, its energy estimate, and
+    # its exec time without the simulated-clock stretch (what the scheduler's max-clock fit wants).
+    energy_j: float | None = None
+    energy_simulated: bool | None = None
+    worker_id: str | None = None
+    node: str | None = None
+    gpu: int | None = None
+    exec_max_clock_ms: float | None = None
 
 
 class CancelRequest(Wire):
@@ -348,6 +356,19 @@ class QueueTelemetry(Wire):
     completions_per_s: float
     workers: list[WorkerRef] = Field(default_factory=list)
     policy: str
+    # Added for the SLO-aware clock policy (optional: None from an older scheduler). Smoothed over
+    # `window_s`: arrival rate and mean predicted exec time (at max clock) of the arrivals in it.
+    window_s: float | None = None
+    mean_arrivals_per_s: float | None = None
+    mean_exec_ms: float | None = None
+    # Relative SLO: a request may take slo_scale x its predicted exec time at max clock, waiting included.
+    slo_scale: float | None = None
+    # Most urgent request (queued or running): time left to its deadline / its predicted work left.
+    slack_slowdown: float | None = None
+    # Share of the requests completed in the last `slo_window_s` that met their SLO (None: none did).
+    slo_attainment: float | None = None
+    slo_completions: int = 0
+    slo_window_s: float | None = None
 
 
 class StepTelemetry(Wire):
@@ -382,3 +403,6 @@ class PowerTelemetry(Wire):
     simulated: bool
     profile: str | None = None
     policy: str
+    # Added later: the clock powerd locked (None: driver default) and whether it only logs decisions.
+    locked_clock_mhz: int | None = None
+    dry_run: bool = False

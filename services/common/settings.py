@@ -49,6 +49,9 @@ class GroupSpec(BaseModel):
     # Aging bound: promote a request that waited longer than this multiple of its predicted exec time.
     aging_factor: float = Field(default=8.0, gt=0.0)
     max_wait_ms: float = Field(default=60_000.0, gt=0.0)
+    # Relative SLO of the group's requests (JCT <= slo_scale x predicted exec at max clock); None:
+    # powerd.slo_scale. The scheduler publishes slack and attainment against it.
+    slo_scale: float | None = Field(default=None, gt=0.0)
 
 
 def default_models() -> list[ModelSpec]:
@@ -106,6 +109,10 @@ class SchedulerSettings(BaseModel):
     max_attempts: int = Field(default=3, ge=1)
     # After a restart, wait this long for worker heartbeats before re-dispatching recovered jobs.
     recovery_grace_ms: float = Field(default=2500.0, ge=0.0)
+    # Queue telemetry smooths arrival rate and mean exec time over this window (as the simulator does).
+    rate_window_s: float = Field(default=20.0, gt=0.0)
+    # SLO attainment in queue telemetry: requests completed within this window.
+    slo_window_s: float = Field(default=60.0, gt=0.0)
 
 
 class WorkerSettings(BaseModel):
@@ -167,6 +174,15 @@ class PowerdSettings(BaseModel):
     slo_scale: float = Field(default=5.0, gt=0.0)
     interval_ms: float = Field(default=250.0, gt=0.0)
     dry_run: bool = False
+    # Prometheus endpoint (DCGM/Triton metric names): http://metrics_host:metrics_port/metrics.
+    # 0 disables it; a port already taken only costs the endpoint (powerd logs it and runs on).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9410, ge=0, le=65535)
+    # "I locked GPU i at f MHz" is kept in <state_dir>/<node>.json so a restart after a crash knows
+    # (default: <data_dir>/powerd).
+    state_dir: Path | None = None
+    # On NVML GPUs, a watchdog process resets the clocks if powerd dies without doing so (kill -9).
+    watchdog: bool = True
 
 
 class OtelSettings(BaseModel):

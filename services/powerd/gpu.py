@@ -79,6 +79,11 @@ class GpuBackend(ABC):
         """True when every figure this GPU reports comes from a model, not hardware."""
         return False
 
+    @property
+    def uuid(self) -> str | None:
+        """The device's UUID ("GPU-..."), when the backend knows one."""
+        return None
+
     @abstractmethod
     def supported_clocks_mhz(self) -> list[int]:
         """Supported graphics clocks in MHz, descending (as NVML lists them)."""
@@ -99,6 +104,11 @@ class GpuBackend(ABC):
 
     def set_locked_clocks_mhz(self, min_mhz: int, max_mhz: int) -> None:
         """Lock the graphics clock into [min_mhz, max_mhz]; both must be supported clocks."""
+        self.validate_locked_clocks_mhz(min_mhz, max_mhz)
+        self._apply_locked_clocks_mhz(int(min_mhz), int(max_mhz))
+
+    def validate_locked_clocks_mhz(self, min_mhz: int, max_mhz: int) -> None:
+        """Raise GpuInvalidArgumentError unless [min_mhz, max_mhz] is a lock this GPU accepts (no I/O)."""
         supported = set(self.supported_clocks_mhz())
         # Validate here, before any device call, so a bad policy output never reaches the driver.
         for label, value in (("min_mhz", min_mhz), ("max_mhz", max_mhz)):
@@ -109,7 +119,6 @@ class GpuBackend(ABC):
                 )
         if min_mhz > max_mhz:
             raise GpuInvalidArgumentError(f"GPU {self.index}: min_mhz={min_mhz} > max_mhz={max_mhz}")
-        self._apply_locked_clocks_mhz(int(min_mhz), int(max_mhz))
 
     @abstractmethod
     def _apply_locked_clocks_mhz(self, min_mhz: int, max_mhz: int) -> None:

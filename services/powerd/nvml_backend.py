@@ -152,6 +152,10 @@ class NvmlBackend(GpuBackend):
             if not gfx_clocks:
                 raise GpuNotSupportedError(f"GPU {index}: NVML lists no supported graphics clocks")
             self._clocks_mhz = sorted({int(c) for c in gfx_clocks}, reverse=True)
+            self._uuid: str | None = None
+            with contextlib.suppress(GpuError):  # only a label: an old driver without it is fine
+                raw_uuid: str | bytes = self._call(pynvml.nvmlDeviceGetUUID, self._handle)
+                self._uuid = raw_uuid.decode() if isinstance(raw_uuid, bytes) else str(raw_uuid)
         except BaseException:
             self._closed = True
             _nvml_release()
@@ -168,6 +172,11 @@ class NvmlBackend(GpuBackend):
         """Refuse calls after close(): NVML may already be shut down."""
         if self._closed:
             raise GpuError(f"GPU {self.index}: backend is closed")
+
+    @property
+    def uuid(self) -> str | None:
+        """nvmlDeviceGetUUID, read once at construction (None if the driver lacks it)."""
+        return self._uuid
 
     def supported_clocks_mhz(self) -> list[int]:
         """Graphics clocks at the max memory clock, descending (read once at construction)."""

@@ -7,7 +7,9 @@ import atexit
 import contextlib
 import logging
 import os
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
@@ -16,11 +18,15 @@ from nats.aio.msg import Msg
 from services.common import subjects
 from services.common.codec import CodecError, decode, encode
 from services.common.runtime import register_discovery, service_main, settle
-from services.common.schemas import PowerTelemetry, QueueTelemetry, StepTelemetry
+from services.common.schemas import CompletionRecord, PowerTelemetry, QueueTelemetry, StepTelemetry
 from services.common.settings import Settings
-from services.powerd.gpu import GpuBackend, GpuError, make_gpu
+from services.powerd.gpu import GpuBackend, GpuError, GpuInvalidArgumentError, make_gpu
+from services.powerd.lockfile import LockFile
+from services.powerd.metrics import DaemonStats, EnergyLedger, MetricsServer, gpu_families, muserve_families
+from services.powerd.metrics import render as render_metrics
 from services.powerd.policy import ClockPolicy, QueueSnapshot, make_clock_policy
 from services.powerd.sim_gpu import SimulatedGpu
+from services.powerd.watchdog import spawn_watchdog, stop_watchdog
 
 log = logging.getLogger("muserve.powerd")
 
@@ -30,9 +36,12 @@ def snapshot_for_gpu(
 ) -> QueueSnapshot:
     """The share of each group's queue that lands on one GPU (by its share of the group's slots)."""
     depth = running = 0.0
-    work_ms = oldest_ms = rate = 0.0
+    work_ms = oldest_ms = rate = mean_exec_ms = 0.0
     slots = pooled = 0
     s: float | None = None
+    slo_scale: float | None = None
+    slack: float | None = None
+    attainment: float | None = None
     for q in queues:
         total_slots = sum(w.slots for w in q.workers) or 1
         mine = sum(w.slots for w in q.workers if w.node == node and w.gpu == gpu)
@@ -43,11 +52,17 @@ def snapshot_for_gpu(
         running += q.running * share
         work_ms += (q.predicted_work_ms + q.running_work_ms) * share
         oldest_ms = max(oldest_ms, q.oldest_wait_ms)
-        rate += q.arrivals_per_s * share
+        # The smoothed rate when the scheduler publishes one (a 0.5 s count of arrivals is mostly noise).
+        rate += (q.mean_arrivals_per_s if q.mean_arrivals_per_s is not None else q.arrivals_per_s) * share
         slots += mine
         pooled += total_slots
         if sensitivity and q.group in sensitivity:
             s = max(s or 0.0, sensitivity[q.group])  # one clock for the GPU: the most sensitive group
+        # Several groups on one GPU: plan for the longest requests and the tightest SLO and slack.
+        mean_exec_ms = max(mean_exec_ms, q.mean_exec_ms or 0.0)
+        slo_scale = _lowest(slo_scale, q.slo_scale)
+        slack = _lowest(slack, q.slack_slowdown)
+        attainment = _lowest(attainment, q.slo_attainment)
     return QueueSnapshot(
         depth=round(depth),
         running=round(running),
@@ -57,7 +72,24 @@ def snapshot_for_gpu(
         slots=max(slots, 1),
         sensitivity=s,
         queue_slots=max(pooled, slots, 1),
+        mean_exec_ms=mean_exec_ms,
+        slo_scale=slo_scale,
+        slack_slowdown=slack,
+        slo_attainment=attainment,
     )
+
+
+def _lowest(a: float | None, b: float | None) -> float | None:
+    """min() of two optional numbers (None: unknown)."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+def lock_state_path(settings: Settings) -> Path:
+    """Where powerd notes the clocks it locked on this node."""
+    folder = settings.powerd.state_dir or settings.data_dir / "powerd"
+    return folder / f"{settings.node}.json"
 
 
 class PowerDaemon:
@@ -83,23 +115,60 @@ class PowerDaemon:
         self.dry_run = self.cfg.dry_run
         self.started_s = time.time()
         self.decisions = 0
+        self.lock_file = LockFile(lock_state_path(settings))
+        self.watchdog: subprocess.Popen[bytes] | None = None
+        self.stats = DaemonStats(policy=self.cfg.policy, dry_run=self.dry_run)
+        self.ledger = EnergyLedger(settings.node)
+        self.latest: dict[int, PowerTelemetry] = {}
+        self.energy_base_j: dict[int, float] = {}
+        self.uuids = {g.index: g.uuid for g in self.gpus if g.uuid}
+        self.real_gpus = [g.index for g in self.gpus if not g.simulated]
+        self.metrics = MetricsServer(self.metrics_text)
 
     def reset_all(self) -> None:
-        """Give every GPU back its default clocks (on start, exit and crash recovery)."""
+        """Give every GPU back its default clocks (on start, exit and crash recovery); never in dry-run."""
+        if self.dry_run:
+            return
         for gpu in self.gpus:
-            if self.dry_run:
-                continue
             try:
                 gpu.reset_clocks()
+                self.locked[gpu.index] = None
             except GpuError as exc:
                 log.error("cannot reset clocks of GPU %d: %s", gpu.index, exc)
-            self.locked[gpu.index] = None
+        self._record_locks()
+
+    def _record_locks(self) -> None:
+        """Keep the on-disk note of locked real GPUs in step with what is locked (never in dry-run)."""
+        if not self.dry_run and self.real_gpus:
+            self.lock_file.write(self.settings.node, {i: self.locked[i] for i in self.real_gpus})
+
+    def recover(self) -> None:
+        """A previous powerd on this node may have died with clocks locked: say so, and reset."""
+        prev = self.lock_file.read()
+        if prev is not None and prev.locked_mhz:
+            what = ", ".join(f"GPU {i} at {f} MHz" for i, f in sorted(prev.locked_mhz.items()))
+            if self.dry_run:
+                log.warning(
+                    "powerd pid %d left %s locked; dry-run does not touch GPUs: run powerd without "
+                    "dry-run (or `nvidia-smi -rgc`) to reset them",
+                    prev.pid,
+                    what,
+                )
+            else:
+                log.warning("powerd pid %d exited with %s locked (crash?): resetting", prev.pid, what)
+        # On NVML a reset is always safe, so do it whatever the file says (it may be lost or stale).
+        self.reset_all()
 
     async def start(self) -> None:
         """Reset (a previous powerd may have died with clocks locked), subscribe, publish."""
-        self.reset_all()
+        self.recover()
+        if not self.dry_run and self.cfg.watchdog and self.real_gpus:
+            self.watchdog = spawn_watchdog(self.lock_file.path)
         await self.nc.subscribe(subjects.QUEUE_TELEMETRY_ALL, cb=self._on_queue)
         await self.nc.subscribe(subjects.step_telemetry_node(self.settings.node), cb=self._on_steps)
+        await self.nc.subscribe(subjects.COMPLETIONS_ALL, cb=self._on_completion)
+        if self.cfg.metrics_port:
+            await self.metrics.start(self.cfg.metrics_host, self.cfg.metrics_port)
         await register_discovery(self.nc, "powerd", self.info)
         names = ", ".join(g.name for g in self.gpus)
         log.info(
@@ -119,7 +188,16 @@ class PowerDaemon:
             ],
             "policy": self.cfg.policy,
             "decisions": self.decisions,
+            "dry_run": self.dry_run,
+            "refused_clocks": self.stats.refused_clocks,
+            "metrics_port": self.metrics.port,
+            "watchdog_pid": self.watchdog.pid if self.watchdog is not None else None,
         }
+
+    def metrics_text(self) -> str:
+        """The /metrics body, from the latest control interval's telemetry."""
+        families = gpu_families(self.settings.node, self.latest.values(), self.uuids, self.energy_base_j)
+        return render_metrics([*families, *muserve_families(self.settings.node, self.ledger, self.stats)])
 
     async def _on_queue(self, msg: Msg) -> None:
         with contextlib.suppress(CodecError):
@@ -130,6 +208,10 @@ class PowerDaemon:
         with contextlib.suppress(CodecError):
             tel = decode(StepTelemetry, msg.data)
             self.steps[tel.gpu] = tel
+
+    async def _on_completion(self, msg: Msg) -> None:
+        with contextlib.suppress(CodecError):
+            self.ledger.observe(decode(CompletionRecord, msg.data))
 
     def control(self, now_s: float) -> list[PowerTelemetry]:
         """One control interval: utilization in, clock decision out, telemetry for every GPU."""
@@ -148,39 +230,54 @@ class PowerDaemon:
             want = policy.choose_clock_mhz(snap, clocks, now_s)
             if want != self.locked[gpu.index]:
                 self.decisions += 1
-                if self.dry_run:
-                    log.info("[dry-run] GPU %d: would lock %d MHz (depth %d)", gpu.index, want, snap.depth)
-                    self.locked[gpu.index] = want
-                else:
-                    try:
-                        gpu.set_locked_clocks_mhz(want, want)
-                        self.locked[gpu.index] = want
-                        log.debug(
-                            "GPU %d -> %d MHz (depth %d, work %.0f ms)",
-                            gpu.index,
-                            want,
-                            snap.depth,
-                            snap.predicted_work_ms,
-                        )
-                    except GpuError as exc:
-                        log.error("GPU %d: cannot lock %d MHz: %s", gpu.index, want, exc)
-            out.append(
-                PowerTelemetry(
-                    node=self.settings.node,
-                    gpu=gpu.index,
-                    ts_s=now_s,
-                    name=gpu.name,
-                    clock_mhz=gpu.current_clock_mhz(),
-                    max_clock_mhz=gpu.max_clock_mhz,
-                    power_w=gpu.power_w(),
-                    energy_j=gpu.total_energy_j(),
-                    utilization=gpu.utilization(),
-                    simulated=gpu.simulated,
-                    profile=self.cfg.profile if gpu.simulated else None,
-                    policy=policy.name,
-                )
+                self.apply_clock(gpu, want, snap)
+            tel = PowerTelemetry(
+                node=self.settings.node,
+                gpu=gpu.index,
+                ts_s=now_s,
+                name=gpu.name,
+                clock_mhz=gpu.current_clock_mhz(),
+                max_clock_mhz=gpu.max_clock_mhz,
+                power_w=gpu.power_w(),
+                energy_j=gpu.total_energy_j(),
+                utilization=gpu.utilization(),
+                simulated=gpu.simulated,
+                profile=self.cfg.profile if gpu.simulated else None,
+                policy=policy.name,
+                locked_clock_mhz=self.locked[gpu.index],
+                dry_run=self.dry_run,
             )
+            self.energy_base_j.setdefault(gpu.index, tel.energy_j)
+            self.latest[gpu.index] = tel
+            out.append(tel)
         return out
+
+    def apply_clock(self, gpu: GpuBackend, want: int, snap: QueueSnapshot) -> bool:
+        """Lock one GPU at `want` MHz (dry-run: only log it); a clock the GPU does not support is refused."""
+        try:
+            if self.dry_run:
+                gpu.validate_locked_clocks_mhz(want, want)
+                log.info("[dry-run] GPU %d: would lock %d MHz (depth %d)", gpu.index, want, snap.depth)
+            else:
+                gpu.set_locked_clocks_mhz(want, want)
+                log.debug(
+                    "GPU %d -> %d MHz (depth %d, work %.0f ms)",
+                    gpu.index,
+                    want,
+                    snap.depth,
+                    snap.predicted_work_ms,
+                )
+        except GpuInvalidArgumentError as exc:
+            self.stats.refused_clocks += 1
+            log.error("GPU %d: refused clock %r: %s", gpu.index, want, exc)
+            return False
+        except GpuError as exc:
+            log.error("GPU %d: cannot lock %d MHz: %s", gpu.index, want, exc)
+            return False
+        self.locked[gpu.index] = want
+        self.stats.clock_changes += 1
+        self._record_locks()
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Control loop until stop is set."""
@@ -192,11 +289,14 @@ class PowerDaemon:
                 await asyncio.wait_for(stop.wait(), interval_s)
 
     def close(self) -> None:
-        """Reset clocks and release the GPUs."""
+        """Reset clocks, release the GPUs, then let the watchdog go (nothing is left locked for it)."""
         self.reset_all()
         for gpu in self.gpus:
             with contextlib.suppress(Exception):
                 gpu.close()
+        if self.watchdog is not None:
+            stop_watchdog(self.watchdog)
+            self.watchdog = None
 
 
 async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
@@ -208,6 +308,7 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
         settle()
         await daemon.run(stop)
     finally:
+        await daemon.metrics.stop()
         daemon.close()
         atexit.unregister(daemon.reset_all)
 

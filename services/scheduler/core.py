@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -85,6 +85,32 @@ def remaining_work_ms(state: JobState, now_s: float) -> tuple[float, bool]:
     return max(left, 0.0) * job.ms_per_token, outlived
 
 
+def solo_exec_ms(job: Job, tokens: float) -> float:
+    """The scheduler's estimate of a job's exec time alone at max clock for an answer of `tokens` tokens."""
+    if job.generate is None or job.ms_per_token <= 0:
+        return job.predicted_exec_ms
+    const_ms = max(job.predicted_exec_ms - job.ms_per_token * job.predicted_tokens, 0.0)
+    return const_ms + job.ms_per_token * max(tokens, 0.0)
+
+
+def slack_slowdown(state: JobState, now_s: float, slo_scale: float) -> float | None:
+    """Time left to a job's SLO deadline over its predicted work left (the slowdown it can absorb)."""
+    job = state.job
+    if state.status is not JobStatus.RUNNING:
+        exec_ms = max(job.predicted_exec_ms, 1e-6)
+        due_s = job.accepted_at_s + slo_scale * exec_ms / 1000.0
+        return (due_s - now_s) * 1000.0 / exec_ms
+    left_ms, outlived = remaining_work_ms(state, now_s)
+    if left_ms <= 0.0:
+        return None  # finishing: nothing left to slow down
+    total_ms = job.predicted_exec_ms
+    if outlived and job.ms_per_token > 0:
+        # Past its prediction: its SLO grows with the length the scheduler now expects.
+        total_ms = solo_exec_ms(job, state.emitted_tokens + left_ms / job.ms_per_token)
+    due_s = job.accepted_at_s + slo_scale * total_ms / 1000.0
+    return (due_s - now_s) * 1000.0 / left_ms
+
+
 class GroupCore:
     """Scheduling state of one model group; the scheduler service is a thin async shell around it."""
 
@@ -97,6 +123,9 @@ class GroupCore:
         worker_lease_s: float,
         max_attempts: int = 3,
         recovery_until_s: float = 0.0,
+        slo_scale: float | None = None,
+        rate_window_s: float = 20.0,
+        slo_window_s: float = 60.0,
     ) -> None:
         self.group = group
         self.queue = queue
@@ -109,6 +138,12 @@ class GroupCore:
         self.completed: OrderedDict[str, None] = OrderedDict()
         self.arrivals = 0
         self.completions = 0
+        self.slo_scale = slo_scale
+        self.rate_window_s = rate_window_s
+        self.slo_window_s = slo_window_s
+        self._recent_arrivals: deque[tuple[float, Job]] = deque()  # (accepted at, job) in the window
+        self._outcomes: deque[tuple[float, bool]] = deque()  # (completed at, met its SLO)
+        self._telemetry_since_s: float | None = None
 
     # -- admission -------------------------------------------------------------------------------
     def in_recovery(self, now_s: float) -> bool:
@@ -147,6 +182,7 @@ class GroupCore:
     def enqueue(self, job: Job, now_s: float) -> None:
         """Queue an accepted job."""
         self.arrivals += 1
+        self._recent_arrivals.append((now_s, job))
         self.jobs[job.request_id] = JobState(job=job, status=JobStatus.QUEUED)
         self.queue.add(self._queued(job))
 
@@ -261,6 +297,15 @@ class GroupCore:
         self.completions += 1
         return state.job
 
+    def observe_completion(self, job: Job, now_s: float, completion_tokens: int) -> bool | None:
+        """Record whether a finished job met its SLO (JCT vs slo_scale x its solo time); None: no SLO."""
+        if self.slo_scale is None:
+            return None
+        jct_ms = (now_s - job.accepted_at_s) * 1000.0
+        met = jct_ms <= self.slo_scale * solo_exec_ms(job, completion_tokens)
+        self._outcomes.append((now_s, met))
+        return met
+
     def is_completed(self, request_id: str) -> bool:
         """Finished recently (its JetStream message may still need an ack)."""
         return request_id in self.completed
@@ -368,6 +413,7 @@ class GroupCore:
             running_work_ms += work_ms
             mispredicted += outlived
         recovering = sum(1 for s in self.jobs.values() if s.status is JobStatus.RECOVERING)
+        slo = self._slo_telemetry(now_s, interval_s)
         return QueueTelemetry(
             group=self.group,
             ts_s=now_s,
@@ -384,4 +430,39 @@ class GroupCore:
                 for w in self.live_workers(now_s)
             ],
             policy=self.queue.policy.value,
+            **slo,
         )
+
+    def _slo_telemetry(self, now_s: float, interval_s: float) -> dict[str, float | int | None]:
+        """Smoothed arrival rate and exec time, the tightest SLO slack, and recent SLO attainment."""
+        if self._telemetry_since_s is None:
+            self._telemetry_since_s = now_s - max(interval_s, 0.0)
+        horizon = now_s - self.rate_window_s
+        while self._recent_arrivals and self._recent_arrivals[0][0] < horizon:
+            self._recent_arrivals.popleft()
+        # A young scheduler has seen less than a window: divide by what it has seen.
+        window_s = min(self.rate_window_s, max(now_s - self._telemetry_since_s, interval_s, 1e-3))
+        recent = [j for t, j in self._recent_arrivals if t <= now_s]
+        mean_exec = sum(j.predicted_exec_ms for j in recent) / len(recent) if recent else None
+        out: dict[str, float | int | None] = {
+            "window_s": window_s,
+            "mean_arrivals_per_s": len(recent) / window_s,
+            "mean_exec_ms": mean_exec,
+            "slo_scale": self.slo_scale,
+        }
+        if self.slo_scale is None:
+            return out
+        slacks = [
+            x
+            for st in self.jobs.values()
+            if st.status is not JobStatus.RECOVERING
+            and (x := slack_slowdown(st, now_s, self.slo_scale)) is not None
+        ]
+        out["slack_slowdown"] = min(slacks) if slacks else None
+        while self._outcomes and self._outcomes[0][0] < now_s - self.slo_window_s:
+            self._outcomes.popleft()
+        met = sum(1 for _, ok in self._outcomes if ok)
+        out["slo_attainment"] = met / len(self._outcomes) if self._outcomes else None
+        out["slo_completions"] = len(self._outcomes)
+        out["slo_window_s"] = self.slo_window_s
+        return out

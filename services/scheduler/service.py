@@ -106,6 +106,9 @@ class Scheduler:
                 worker_lease_s=cfg.worker_lease_ms / 1000.0,
                 max_attempts=cfg.max_attempts,
                 recovery_until_s=now + cfg.recovery_grace_ms / 1000.0,
+                slo_scale=spec.slo_scale if spec.slo_scale is not None else settings.powerd.slo_scale,
+                rate_window_s=cfg.rate_window_s,
+                slo_window_s=cfg.slo_window_s,
             )
         self.parked: dict[str, deque[ParkedPull]] = {g: deque() for g in self.owned}
         self.handles: dict[str, Msg] = {}
@@ -483,6 +486,8 @@ class Scheduler:
             known = job is not None
             if job is not None:
                 self.stats["completed" if rep.ok else "failed"] += 1
+                if rep.ok:
+                    core.observe_completion(job, time.time(), rep.completion_tokens)
         if msg.reply:
             await self.nc.publish(msg.reply, encode(DoneAck(request_id=rep.request_id, known=known)))
 
@@ -507,7 +512,9 @@ class Scheduler:
             return
         model = self.exec_models.get(rec.model)
         if model is not None and rec.finish_reason in ("stop", "length"):
-            model.observe(rec.completion_tokens, rec.exec_ms)
+            # Max-clock time when the worker knows it: a lowered clock must not inflate the fit.
+            exec_ms = rec.exec_max_clock_ms if rec.exec_max_clock_ms is not None else rec.exec_ms
+            model.observe(rec.completion_tokens, exec_ms)
             # The provisional rank of a queued job is this baseline: keep its median current.
             self.fallback.observe(rec.model, rec.completion_tokens)
 

@@ -63,6 +63,7 @@ class Active:
     emitted_tokens: int = 0
     first_token_s: float | None = None
     energy_j: float = 0.0
+    stretch_ms: float = 0.0  # time added by the simulated clock to the steps this job was in
     text: list[str] = field(default_factory=list)
     prefill_span: trace.Span | None = None
     decode_span: trace.Span | None = None
@@ -393,12 +394,13 @@ class Worker:
             self.stats["batch"].append(st.batch_size)
             self.stats["lat"].append(stretched_ms)
             self.stats["slow"] = slow
-            if power_w is not None and st.request_ids:
-                share = power_w * stretched_ms / 1000.0 / len(st.request_ids)
-                for rid in st.request_ids:
-                    act = self.active.get(rid)
-                    if act is not None:
-                        act.energy_j += share
+            n = len(st.request_ids)
+            share = power_w * stretched_ms / 1000.0 / n if power_w is not None and n else 0.0
+            for rid in st.request_ids:
+                act = self.active.get(rid)
+                if act is not None:
+                    act.stretch_ms += stretched_ms - st.latency_ms
+                    act.energy_j += share
         for rid, why in errors:
             act = self.active.get(rid)
             if act is not None:
@@ -516,6 +518,12 @@ class Worker:
                 prediction=job.prediction,
                 queue_ms=usage.queue_ms or 0.0,
                 exec_ms=usage.exec_ms or 0.0,
+                energy_j=usage.energy_j,
+                energy_simulated=usage.energy_simulated,
+                worker_id=self.worker_id,
+                node=self.settings.node,
+                gpu=self.cfg.gpu,
+                exec_max_clock_ms=max((usage.exec_ms or 0.0) - act.stretch_ms, 0.0),
             )
             await self.nc.publish(subjects.completions(job.model), encode(record))
         self.pending_done[job.request_id] = report

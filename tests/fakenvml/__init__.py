@@ -11,10 +11,11 @@ Two ways to put it under pynvml, both without touching Python code:
 
 Knobs are environment variables read by the library at nvmlInit (see fake_nvml.c):
 FAKE_NVML_ENABLE (must be 1, else nvmlInit answers DRIVER_NOT_LOADED), FAKE_NVML_DEVICE_COUNT,
-FAKE_NVML_NO_PERMISSION, FAKE_NVML_UTIL, FAKE_NVML_STATE_FILE. In-process they take effect at the
-next init, i.e. when no NvmlBackend is open. The `fake_nvml` fixture sets them with monkeypatch and
-shuts NVML down after each test, so the library, which stays loaded, is inert (no driver) for every
-later test: make_gpu("auto") there still picks the simulated GPU.
+FAKE_NVML_NO_PERMISSION, FAKE_NVML_UTIL, FAKE_NVML_STATE_FILE, FAKE_NVML_LOG_FILE (every set/reset
+with the calling pid) and FAKE_NVML_PERSIST (locks survive the process, as on hardware). In-process
+they take effect at the next init, i.e. when no NvmlBackend is open. The `fake_nvml` fixture sets
+them with monkeypatch and shuts NVML down after each test, so the library, which stays loaded, is
+inert (no driver) for every later test: make_gpu("auto") there still picks the simulated GPU.
 
 Use from a test module:
     from tests.fakenvml import fake_nvml, fake_nvml_dir  # noqa: F401  (pytest fixtures)
@@ -44,6 +45,7 @@ __all__ = [
     "fake_nvml",
     "fake_nvml_dir",
     "preload_fake_nvml",
+    "read_fake_nvml_log",
     "read_fake_nvml_state",
 ]
 
@@ -55,6 +57,8 @@ KNOBS = (
     "FAKE_NVML_NO_PERMISSION",
     "FAKE_NVML_UTIL",
     "FAKE_NVML_STATE_FILE",
+    "FAKE_NVML_LOG_FILE",
+    "FAKE_NVML_PERSIST",
 )
 _GCC_ARGS = ("-O2", "-Wall", "-Wextra", "-shared", "-fPIC", f"-Wl,-soname,{LIB_NAME}")
 
@@ -113,6 +117,20 @@ def read_fake_nvml_state(path: Path) -> dict[int, tuple[int, int] | None]:
         elif len(parts) == 3:
             state[int(parts[0])] = (int(parts[1]), int(parts[2]))
     return state
+
+
+def read_fake_nvml_log(path: Path) -> list[tuple[int, str, int, tuple[int, int] | None]]:
+    """Parse FAKE_NVML_LOG_FILE: (pid, "set" | "reset", device index, (min, max) MHz or None) per call."""
+    events: list[tuple[int, str, int, tuple[int, int] | None]] = []
+    if not path.exists():
+        return events
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[1] == "set":
+            events.append((int(parts[0]), "set", int(parts[2]), (int(parts[3]), int(parts[4]))))
+        elif len(parts) == 3 and parts[1] == "reset":
+            events.append((int(parts[0]), "reset", int(parts[2]), None))
+    return events
 
 
 @dataclass

@@ -15,13 +15,19 @@
  *   FAKE_NVML_UTIL          GPU utilization in percent, default 100 (so clock changes show in power)
  *   FAKE_NVML_STATE_FILE    path: after every successful set/reset, one line per device is written,
  *                           "<index> <min_mhz> <max_mhz>" or "<index> reset" (atomic rename)
- * Each (re)init starts with unlocked clocks; energy counters keep counting like hardware ones.
+ *   FAKE_NVML_LOG_FILE      path: every successful set/reset appends "<pid> set <index> <min> <max>" or
+ *                           "<pid> reset <index>" (O_APPEND: lines from several processes interleave whole)
+ *   FAKE_NVML_PERSIST       1: the first init of a process takes its locks from FAKE_NVML_STATE_FILE, the
+ *                           way a real GPU keeps clocks locked after the process that locked them died
+ * Each (re)init starts with unlocked clocks unless FAKE_NVML_PERSIST; energy keeps counting like hardware.
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 enum {
@@ -53,6 +59,7 @@ static fake_device devices[MAX_DEVICES];
 static unsigned device_count, util_percent;
 static int init_count, no_permission;
 static char state_file[4096];
+static char log_file[4096];
 static volatile char lock_flag; /* spinlock: no libpthread needed */
 
 static void lock(void) { while (__atomic_test_and_set(&lock_flag, __ATOMIC_ACQUIRE)) {} }
@@ -107,6 +114,33 @@ static void write_state(void) {
     rename(tmp, state_file); /* readers in other processes never see half a file */
 }
 
+static void log_event(const char *op, unsigned index, unsigned lo, unsigned hi) {
+    if (!log_file[0]) return;
+    char line[128];
+    int n = op[0] == 's' ? snprintf(line, sizeof line, "%d set %u %u %u\n", (int)getpid(), index, lo, hi)
+                         : snprintf(line, sizeof line, "%d reset %u\n", (int)getpid(), index);
+    int fd = open(log_file, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd < 0) return;
+    if (write(fd, line, (size_t)n) != n) { /* best effort: a test reading the log will notice */ }
+    close(fd);
+}
+
+static void restore_state(void) { /* FAKE_NVML_PERSIST: locks survive the process, like hardware */
+    if (!state_file[0]) return;
+    FILE *f = fopen(state_file, "r");
+    if (!f) return;
+    char line[128];
+    while (fgets(line, sizeof line, f)) {
+        unsigned i, lo, hi;
+        if (sscanf(line, "%u %u %u", &i, &lo, &hi) == 3 && i < MAX_DEVICES) {
+            devices[i].locked = 1;
+            devices[i].lock_min_mhz = lo;
+            devices[i].lock_max_mhz = hi;
+        }
+    }
+    fclose(f);
+}
+
 static unsigned env_uint(const char *name, unsigned fallback, unsigned max) {
     const char *v = getenv(name);
     if (!v || !*v) return fallback;
@@ -132,11 +166,15 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
         no_permission = np && strcmp(np, "1") == 0;
         const char *sf = getenv("FAKE_NVML_STATE_FILE");
         snprintf(state_file, sizeof state_file, "%s", sf ? sf : "");
+        const char *lf = getenv("FAKE_NVML_LOG_FILE");
+        snprintf(log_file, sizeof log_file, "%s", lf ? lf : "");
         for (unsigned i = 0; i < MAX_DEVICES; i++) {
             integrate(&devices[i]);
             devices[i].index = i;
             devices[i].locked = 0;
         }
+        const char *persist = getenv("FAKE_NVML_PERSIST");
+        if (persist && strcmp(persist, "1") == 0) restore_state();
     }
     init_count++;
     unlock();
@@ -239,6 +277,7 @@ nvmlReturn_t nvmlDeviceSetGpuLockedClocks(nvmlDevice_t d, unsigned int min_mhz, 
     d->lock_min_mhz = min_mhz;
     d->lock_max_mhz = max_mhz;
     write_state();
+    log_event("set", d->index, min_mhz, max_mhz);
     unlock();
     return NVML_SUCCESS;
 }
@@ -250,7 +289,15 @@ nvmlReturn_t nvmlDeviceResetGpuLockedClocks(nvmlDevice_t d) {
     integrate(d);
     d->locked = 0;
     write_state();
+    log_event("reset", d->index, 0, 0);
     unlock();
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *uuid, unsigned int length) {
+    CHECK_DEVICE(d);
+    if (!uuid || length < 41) return NVML_ERROR_INSUFFICIENT_SIZE;
+    snprintf(uuid, length, "GPU-fa4e0000-0000-4000-8000-%012u", d->index);
     return NVML_SUCCESS;
 }
 
