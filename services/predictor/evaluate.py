@@ -458,7 +458,9 @@ def evaluate(
                     y_true, y_pred, classes, None if sc is None else sc[sel], d.tokens[sel], d.cols[sel]
                 )
                 if split == "test" and p in ("median", "proxy"):
-                    confusions.append((f"{PREDICTORS[p]}\n{name}, test", confusion(y_true, y_pred, classes)))
+                    cm = confusion(y_true, y_pred, classes)
+                    confusions.append((f"{PREDICTORS[p]}\n{name}, test", cm))
+                    res[split][p]["confusion"] = cm.tolist()  # rows = true class (the simulator reads it)
         results[name] = res
 
     served: dict[str, Any] = {}
@@ -561,6 +563,10 @@ def evaluate(
         "targets": targets,
         "seconds": round(time.time() - started, 1),
     }
+    # The simulator's predictor: the proxy's test confusion counts in the first (all-LLM) setting.
+    first = next(iter(results.values()), None)
+    if first is not None and "proxy" in first.get("test", {}):
+        report["confusion"] = first["test"]["proxy"]["confusion"]
     report = _clean(report)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{REPORT}.json", "w", encoding="utf-8") as f:
