@@ -306,13 +306,20 @@ class SloAwarePolicy(ClockPolicy):
         """The attainment feedback's clock floor, as a fraction of the max clock."""
         return self._floor
 
-    def _update_floor(self, attainment: float | None, now_s: float) -> None:
-        """Integral control: the floor moves by gain x (target - attainment) per second, within [0, 1]."""
+    def _update_floor(self, attainment: float | None, now_s: float, at_max: bool) -> None:
+        """Integral control: the floor moves by gain x (target - attainment) per second, within [0, 1].
+
+        Anti-windup: while the clock is already at max it cannot rise, and misses then are not the
+        clock's doing (a burst beyond capacity), so the floor does not wind up on them; otherwise it
+        would hold the clock at max long after the burst, until they leave the attainment window.
+        """
         last, self._floor_at_s = self._floor_at_s, now_s
         if attainment is None or self.target_attainment is None or last is None:
             return
         dt = min(max(now_s - last, 0.0), 5.0)
         step = self.floor_gain_per_s * (self.target_attainment - attainment) * dt
+        if step > 0 and at_max:
+            return
         self._floor = min(max(self._floor + step, 0.0), 1.0)
 
     def max_slowdowns(
@@ -390,7 +397,7 @@ class SloAwarePolicy(ClockPolicy):
         if all(v is None for v in slos):
             wanted = max_mhz  # no SLO to trade against
         else:
-            self._update_floor(snapshot.slo_attainment, now_s)
+            self._update_floor(snapshot.slo_attainment, now_s, at_max=current == max_mhz)
             # On a coarse grid (1/20 of the max clock), so its slow drift does not move the clock each call.
             floor_mhz = (
                 self._snap(math.ceil(self._floor * 20.0 - 1e-9) / 20.0 * max_mhz) if self._floor else 0

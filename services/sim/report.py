@@ -313,7 +313,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "applies each phase's own, so the policy's model is deliberately imperfect, as it would be on "
         "hardware.",
         "- Exec-time observations are converted to max-clock time before they feed the exec-time model "
-        "(the live scheduler fits wall-clock exec times, which a slow clock inflates).",
+        "(as the live scheduler does with the workers' `exec_max_clock_ms`).",
     ]
     return "\n".join(lines) + "\n"
 

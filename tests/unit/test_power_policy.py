@@ -355,6 +355,19 @@ def test_attainment_feedback_raises_then_releases_a_floor() -> None:
     )
 
 
+def test_attainment_floor_does_not_wind_up_while_at_max_clock() -> None:
+    policy = SloAwarePolicy(target_attainment=0.99, floor_gain_per_s=0.1, min_dwell_s=0.0)
+    # A burst beyond capacity: the clock is pinned at max (SLO at risk) and requests miss anyway.
+    burst = slo_snap(running=3, slack=0.9, attainment=0.80)
+    t = 0.0
+    for _ in range(60):
+        t += 0.5
+        assert policy.choose_clock_mhz(burst, CLOCKS, t) == MAX
+    assert policy.floor_fraction == 0.0  # those misses were not the clock's doing
+    # After the burst the clock may fall at once, although the attainment window still holds the misses.
+    assert policy.choose_clock_mhz(slo_snap(attainment=0.80), CLOCKS, t + 0.5) < MAX
+
+
 def test_slo_aware_min_clock_and_changed_clock_list() -> None:
     assert SloAwarePolicy(min_clock_mhz=1000).choose_clock_mhz(slo_snap(s=0.0), CLOCKS, 0.0) == 1005
     policy = SloAwarePolicy(min_dwell_s=100.0)
