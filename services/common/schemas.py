@@ -294,6 +294,8 @@ class DoneReport(Wire):
     ttft_ms: float | None = None
     energy_j: float | None = None
     attempt: int = 1
+    # Time the (simulated or locked) clock added to this job's steps beyond max clock.
+    stretch_ms: float = 0.0
 
 
 class DoneAck(Wire):
@@ -367,6 +369,10 @@ class QueueTelemetry(Wire):
     slack_slowdown: float | None = None
     # Share of the requests completed in the last `slo_window_s` that met their SLO (None: none did).
     slo_attainment: float | None = None
+    # The same share counting only the misses the clock caused (met at max clock, missed at the clock
+    # they ran at): the feedback a clock policy should act on (misses in a burst beyond capacity at
+    # max clock are not its doing).
+    clock_slo_attainment: float | None = None
     slo_completions: int = 0
     slo_window_s: float | None = None
 

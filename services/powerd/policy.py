@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QueueSnapshot:
     """What the scheduler's telemetry says about the queue feeding the GPUs one powerd controls."""
 
@@ -372,8 +372,12 @@ class SloAwarePolicy(ClockPolicy):
     def _snap(self, target_mhz: float) -> int:
         """Lowest cached supported clock >= target, clamped to the max (bisect)."""
         ascending = self._ascending
-        i = bisect.bisect_left(ascending, target_mhz)
-        return ascending[min(i, len(ascending) - 1)]
+        if not target_mhz < ascending[-1]:  # also NaN
+            return ascending[-1]
+        if target_mhz <= ascending[0]:
+            return ascending[0]
+        # Clocks are integers: bisecting on the integer ceiling avoids slow int-vs-float compares.
+        return ascending[bisect.bisect_left(ascending, math.ceil(target_mhz))]
 
     def _lowest_clock_mhz(self, max_slowdown: float, sensitivity: float, max_mhz: int) -> int:
         """Lowest supported clock (not below min_clock_mhz) within max_slowdown; max when none is."""
@@ -393,8 +397,12 @@ class SloAwarePolicy(ClockPolicy):
         if current is not None and current not in self._clock_set:
             # The clock list changed under us (another GPU model): keep an equivalent valid clock.
             current = self._current_mhz = self._snap(current)
-        slos = (snapshot.slo_ms, self.slo_ms, snapshot.slo_scale, self.slo_scale)
-        if all(v is None for v in slos):
+        if (
+            snapshot.slo_ms is None
+            and self.slo_ms is None
+            and snapshot.slo_scale is None
+            and self.slo_scale is None
+        ):
             wanted = max_mhz  # no SLO to trade against
         else:
             self._update_floor(snapshot.slo_attainment, now_s, at_max=current == max_mhz)

@@ -62,7 +62,10 @@ def snapshot_for_gpu(
         mean_exec_ms = max(mean_exec_ms, q.mean_exec_ms or 0.0)
         slo_scale = _lowest(slo_scale, q.slo_scale)
         slack = _lowest(slack, q.slack_slowdown)
-        attainment = _lowest(attainment, q.slo_attainment)
+        # The clock's own share of the misses when the scheduler reports it (misses at max clock are not
+        # the clock's doing); an older scheduler's overall attainment otherwise.
+        own = q.clock_slo_attainment if q.clock_slo_attainment is not None else q.slo_attainment
+        attainment = _lowest(attainment, own)
     return QueueSnapshot(
         depth=round(depth),
         running=round(running),

@@ -97,7 +97,7 @@ def collect_engine(
 ) -> int:
     """Run muserve's own continuous-batching engine in this process; returns how many were collected."""
     from services.worker.engine import ContinuousBatchingEngine, SamplingParams, SeqRequest
-    from services.worker.models import load_causal_lm
+    from services.worker.models import chat_prompt_ids, load_causal_lm
 
     todo = _pending(prompts, out, limit)
     if not todo:
@@ -117,10 +117,7 @@ def collect_engine(
                 p = next(queue, None)
                 if p is None:
                     break
-                ids = tok.apply_chat_template(
-                    [{"role": "user", "content": p.text}], add_generation_prompt=True
-                )
-                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+                ids = chat_prompt_ids(tok, [{"role": "user", "content": p.text}])
                 # A per-prompt seed keeps reruns reproducible whatever the batch composition.
                 params = SamplingParams(
                     max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed + p.idx

@@ -142,7 +142,8 @@ class GroupCore:
         self.rate_window_s = rate_window_s
         self.slo_window_s = slo_window_s
         self._recent_arrivals: deque[tuple[float, Job]] = deque()  # (accepted at, job) in the window
-        self._outcomes: deque[tuple[float, bool]] = deque()  # (completed at, met its SLO)
+        # (completed at, met its SLO, missed only because of the clock) of recent completions.
+        self._outcomes: deque[tuple[float, bool, bool]] = deque()
         self._telemetry_since_s: float | None = None
 
     # -- admission -------------------------------------------------------------------------------
@@ -297,13 +298,21 @@ class GroupCore:
         self.completions += 1
         return state.job
 
-    def observe_completion(self, job: Job, now_s: float, completion_tokens: int) -> bool | None:
-        """Record whether a finished job met its SLO (JCT vs slo_scale x its solo time); None: no SLO."""
+    def observe_completion(
+        self, job: Job, now_s: float, completion_tokens: int, stretch_ms: float = 0.0
+    ) -> bool | None:
+        """Record whether a finished job met its SLO (JCT vs slo_scale x its solo time); None: no SLO.
+
+        stretch_ms is what a lowered clock added to its steps: a miss that would have met the SLO
+        without it counts against the clock.
+        """
         if self.slo_scale is None:
             return None
         jct_ms = (now_s - job.accepted_at_s) * 1000.0
-        met = jct_ms <= self.slo_scale * solo_exec_ms(job, completion_tokens)
-        self._outcomes.append((now_s, met))
+        budget_ms = self.slo_scale * solo_exec_ms(job, completion_tokens)
+        met = jct_ms <= budget_ms
+        clock_miss = not met and jct_ms - max(stretch_ms, 0.0) <= budget_ms
+        self._outcomes.append((now_s, met, clock_miss))
         return met
 
     def is_completed(self, request_id: str) -> bool:
@@ -461,8 +470,11 @@ class GroupCore:
         out["slack_slowdown"] = min(slacks) if slacks else None
         while self._outcomes and self._outcomes[0][0] < now_s - self.slo_window_s:
             self._outcomes.popleft()
-        met = sum(1 for _, ok in self._outcomes if ok)
-        out["slo_attainment"] = met / len(self._outcomes) if self._outcomes else None
+        n = len(self._outcomes)
+        met = sum(1 for _, ok, _ in self._outcomes if ok)
+        clock_misses = sum(1 for _, _, by_clock in self._outcomes if by_clock)
+        out["slo_attainment"] = met / n if n else None
+        out["clock_slo_attainment"] = 1.0 - clock_misses / n if n else None
         out["slo_completions"] = len(self._outcomes)
         out["slo_window_s"] = self.slo_window_s
         return out

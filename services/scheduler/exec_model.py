@@ -17,14 +17,34 @@ class LinearExecModel:
     _samples: deque[tuple[float, float]] = field(default_factory=deque, repr=False)
     _dirty: bool = field(default=False, repr=False)
     _fit: tuple[float, float] | None = field(default=None, repr=False)
+    # Running sums of x, y, x^2, x*y over the window (re-summed every `window` evictions, so float
+    # drift cannot accumulate): the fit is O(1) however often it is asked for.
+    _sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0], repr=False)
+    _evictions: int = field(default=0, repr=False)
 
     def observe(self, tokens: int, exec_ms: float) -> None:
         """Add one finished request (output tokens, measured exec time)."""
         if tokens < 0 or exec_ms <= 0:
             return
-        self._samples.append((float(tokens), float(exec_ms)))
+        x, y = float(tokens), float(exec_ms)
+        self._samples.append((x, y))
+        sums = self._sums
+        sums[0] += x
+        sums[1] += y
+        sums[2] += x * x
+        sums[3] += x * y
         while len(self._samples) > self.window:
-            self._samples.popleft()
+            ox, oy = self._samples.popleft()
+            sums[0] -= ox
+            sums[1] -= oy
+            sums[2] -= ox * ox
+            sums[3] -= ox * oy
+            self._evictions += 1
+        if self._evictions >= self.window:
+            self._evictions = 0
+            xs = [a for a, _ in self._samples]
+            ys = [b for _, b in self._samples]
+            self._sums = [sum(xs), sum(ys), sum(a * a for a in xs), sum(a * b for a, b in self._samples)]
         self._dirty = True
 
     @property
@@ -43,13 +63,14 @@ class LinearExecModel:
 
     def _least_squares(self) -> tuple[float, float]:
         n = len(self._samples)
-        mx = sum(x for x, _ in self._samples) / n
-        my = sum(y for _, y in self._samples) / n
-        sxx = sum((x - mx) ** 2 for x, _ in self._samples)
-        if sxx < 1e-9 * n:
+        sx, sy, sxx_raw, sxy_raw = self._sums
+        mx, my = sx / n, sy / n
+        sxx = sxx_raw - sx * mx
+        # Relative to the raw sum: cancellation leaves noise of that size when all lengths are equal.
+        if sxx < 1e-12 * max(sxx_raw, n):
             # All requests had the same length: keep the prior slope, fit the intercept.
             return max(my - self.ms_per_token * mx, 0.0), self.ms_per_token
-        slope = sum((x - mx) * (y - my) for x, y in self._samples) / sxx
+        slope = (sxy_raw - sx * my) / sxx
         slope = max(slope, 0.0)  # longer answers never take less time
         return max(my - slope * mx, 0.0), slope
 

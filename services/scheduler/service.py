@@ -487,7 +487,7 @@ class Scheduler:
             if job is not None:
                 self.stats["completed" if rep.ok else "failed"] += 1
                 if rep.ok:
-                    core.observe_completion(job, time.time(), rep.completion_tokens)
+                    core.observe_completion(job, time.time(), rep.completion_tokens, rep.stretch_ms)
         if msg.reply:
             await self.nc.publish(msg.reply, encode(DoneAck(request_id=rep.request_id, known=known)))
 

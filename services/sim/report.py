@@ -22,6 +22,7 @@ import numpy as np
 from services.powerd.sensitivity import estimate_sensitivity, resolve_model_shape
 from services.powerd.sim_gpu import GpuProfile, get_profile
 from services.sim.engine import SimConfig, SimResult, simulate
+from services.sim.groups import simulate_groups
 from services.sim.predictor import ConfusionPredictor
 from services.sim.step_model import StepModel
 from services.sim.workload import Workload, make_workload
@@ -54,6 +55,9 @@ class SimPlan:
     sweep_loads: tuple[float, ...] = (0.25, 0.75, 1.25)
     speed_gpus: int = 1000
     speed_requests: int = 1_000_000
+    # The speed run's cluster as this many independent model groups, one process each (None: a group
+    # per CPU core; 1: one queue feeding every GPU, in this process).
+    speed_groups: int | None = None
     seed: int = 0
     progress: bool = True
     command: str = ""
@@ -282,8 +286,15 @@ def _markdown(report: dict[str, Any]) -> str:
     sp = report.get("speed")
     lines += ["", "## Simulator speed", ""]
     if sp:
+        g = int(sp.get("groups", 1))
+        topology = (
+            f"as {g} independent model groups of ~{sp['gpus'] // g} GPUs (each its own queue, requests "
+            f"routed at random), one process per group on {g} cores"
+            if g > 1
+            else "one queue feeding every GPU, one process"
+        )
         lines.append(
-            f"{sp['gpus']} GPUs, {sp['requests']:,} requests ({sp['workload']}, "
+            f"{sp['gpus']} GPUs {topology}, {sp['requests']:,} requests ({sp['workload']}, "
             f"{sp['rate_per_s']:.0f} req/s, "
             f"{sp['sim_duration_s']:.0f} s simulated), SSJF x SLO-aware: **{sp['wall_s']:.1f} s wall** "
             f"({sp['events']:,} events, {sp['events'] / sp['wall_s']:,.0f} events/s; workload built in "
@@ -332,6 +343,12 @@ def run_sim(plan: SimPlan, log: Callable[[str], None] = print) -> dict[str, Any]
     sens: dict[str, Any]
     if plan.sensitivity is not None:
         sens = {"value": plan.sensitivity, "source": "given", "detail": "--sensitivity"}
+    elif step_model.clock_share is not None:
+        sens = {
+            "value": step_model.clock_share,
+            "source": "calibration",
+            "detail": f"clock_share of {plan.calibration}",
+        }
     else:
         est = estimate_sensitivity(
             shape, profile, plan.slots, mean_prompt + mean_out / 2.0, mean_prompt, mean_out
@@ -393,19 +410,17 @@ def run_sim(plan: SimPlan, log: Callable[[str], None] = print) -> dict[str, Any]
             seed=plan.seed,
         )
         workload_s = time.perf_counter() - t0
-        res = simulate(
-            big,
-            replace(
-                base,
-                gpus=plan.speed_gpus,
-                scheduling="ssjf",
-                clock_policy="slo-aware",
-                progress=plan.progress,
-            ),
-            predictor,
+        groups = plan.speed_groups or max(1, min(os.cpu_count() or 1, plan.speed_gpus))
+        speed_cfg = replace(
+            base, gpus=plan.speed_gpus, scheduling="ssjf", clock_policy="slo-aware", progress=plan.progress
         )
+        if groups == 1:
+            res = simulate(big, speed_cfg, predictor)
+        else:
+            res = simulate_groups(big, speed_cfg, predictor, groups)
         speed = {
             "gpus": plan.speed_gpus,
+            "groups": groups,
             "requests": len(big),
             "workload": big.name,
             "rate_per_s": big.rate_per_s,

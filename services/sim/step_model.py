@@ -27,6 +27,8 @@ from services.powerd.sim_gpu import GpuProfile
 __all__ = ["StepModel", "calibration_from_step_stats", "fit_decode_samples", "fit_prefill_samples"]
 
 FloatArray = npt.NDArray[np.float64]
+# Informational keys of a calibration file (not constants).
+METADATA_KEYS = ("fitted", "measured")
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,19 @@ class StepModel:
     prefill_compute_ms_per_token: float  # matmuls, per prompt token
     prefill_compute_ms_per_token_sq: float  # causal attention, per prompt token squared
     source: str = "unspecified"
+    # A measured step cannot tell which part scales with the clock: with clock_share = s every term is
+    # a total of which s scales with fmax / f (µ-Serve's t(f) for the whole step). None: the split above.
+    clock_share: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "source" and (not isinstance(value, int | float) or value < 0):
+            if f.name == "source" or (f.name == "clock_share" and value is None):
+                continue
+            if not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"StepModel.{f.name} must be a number >= 0, got {value!r}")
+        if self.clock_share is not None and self.clock_share > 1:
+            raise ValueError(f"StepModel.clock_share must be in [0, 1], got {self.clock_share}")
         if self.decode_memory_ms + self.decode_compute_ms_per_seq <= 0:
             raise ValueError("a decode step must take some time")
 
@@ -85,6 +94,8 @@ class StepModel:
         prompt tokens do.
         """
         values = dict(data)
+        for info in METADATA_KEYS:  # what `muserve calibrate` records beside the samples
+            values.pop(info, None)
         samples = values.pop("decode_samples", None)
         if samples is not None:
             rows = [(int(r["batch"]), float(r["context_tokens"]), float(r["step_ms"])) for r in samples]
@@ -121,17 +132,39 @@ class StepModel:
         """The same constants, relabelled."""
         return replace(self, source=source)
 
+    def decode_terms(self) -> tuple[float, float, float, float, float, float]:
+        """Decode ms at max clock: (const, per sequence, per context token) x (fixed, clock-bound) pairs."""
+        a0, a1 = self.decode_memory_ms, self.decode_compute_ms_per_seq
+        if self.clock_share is None:
+            return a0, 0.0, 0.0, a1, self.decode_memory_ms_per_ctx, self.decode_compute_ms_per_ctx
+        s = self.clock_share
+        b = self.decode_memory_ms_per_ctx + self.decode_compute_ms_per_ctx
+        return (1 - s) * a0, s * a0, (1 - s) * a1, s * a1, (1 - s) * b, s * b
+
+    def prefill_terms(self) -> tuple[float, float, float, float, float, float]:
+        """Prefill ms at max clock: (const, per token, per token^2) x (fixed, clock-bound) pairs."""
+        p0, p1, p2 = (
+            self.prefill_memory_ms,
+            self.prefill_compute_ms_per_token,
+            self.prefill_compute_ms_per_token_sq,
+        )
+        if self.clock_share is None:
+            return p0, 0.0, 0.0, p1, 0.0, p2
+        s = self.clock_share
+        return (1 - s) * p0, s * p0, (1 - s) * p1, s * p1, (1 - s) * p2, s * p2
+
     def decode_ms(self, batch: int, context_tokens: float, clock_ratio: float = 1.0) -> float:
         """One decode step of `batch` rows holding `context_tokens` in total, at fmax / f = clock_ratio."""
-        memory = self.decode_memory_ms + self.decode_memory_ms_per_ctx * context_tokens
-        compute = self.decode_compute_ms_per_seq * batch + self.decode_compute_ms_per_ctx * context_tokens
+        m0, c0, m1, c1, mc, cc = self.decode_terms()
+        memory = m0 + m1 * batch + mc * context_tokens
+        compute = c0 + c1 * batch + cc * context_tokens
         return memory + compute * clock_ratio
 
     def prefill_ms(self, prompt_tokens: float, clock_ratio: float = 1.0) -> float:
         """The prefill of one prompt at fmax / f = clock_ratio."""
         p = float(prompt_tokens)
-        compute = self.prefill_compute_ms_per_token * p + self.prefill_compute_ms_per_token_sq * p * p
-        return self.prefill_memory_ms + compute * clock_ratio
+        m0, c0, m1, c1, m2, c2 = self.prefill_terms()
+        return m0 + m1 * p + m2 * p * p + (c0 + c1 * p + c2 * p * p) * clock_ratio
 
     def solo_ms(self, prompt_tokens: npt.ArrayLike, output_tokens: npt.ArrayLike) -> FloatArray:
         """A request's time alone at max clock: its prefill, then output - 1 decode steps at batch 1."""

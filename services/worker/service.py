@@ -46,6 +46,7 @@ from services.common.schemas import (
 )
 from services.common.settings import ModelSpec, Settings
 from services.worker.clock import ClockView
+from services.worker.models import chat_prompt_ids
 
 log = logging.getLogger("muserve.worker")
 _tracer = tracing.tracer("muserve.worker")
@@ -327,14 +328,7 @@ class Worker:
             return
         try:
             if gen.messages is not None:
-                ids = self.tokenizer.apply_chat_template(
-                    [m.model_dump() for m in gen.messages],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=False,
-                )
-                if isinstance(ids, dict) or hasattr(ids, "keys"):
-                    ids = ids["input_ids"]
+                ids = chat_prompt_ids(self.tokenizer, [m.model_dump() for m in gen.messages])
             else:
                 ids = self.tokenizer(gen.prompt, add_special_tokens=False)["input_ids"]
             ids = list(ids)
@@ -506,6 +500,7 @@ class Worker:
             ttft_ms=usage.ttft_ms,
             energy_j=usage.energy_j,
             attempt=job.attempt,
+            stretch_ms=act.stretch_ms,
         )
         if job.kind is JobKind.GENERATE:
             # What predictors learn from: the true length next to the prediction.

@@ -48,6 +48,19 @@ def test_fit_is_windowed_clamped_and_ignores_garbage() -> None:
     assert same.coefficients() == pytest.approx((200.0, 2.0))
 
 
+def test_running_sums_match_a_direct_fit_over_a_long_stream() -> None:
+    m = LinearExecModel(const_ms=10.0, ms_per_token=1.0, window=64, min_samples=4)
+    rng = random.Random(1)
+    for _ in range(5000):  # many evictions: drift would show
+        m.observe(rng.randint(1, 2000), rng.uniform(1e3, 1e5))
+    xs = [x for x, _ in m._samples]
+    ys = [y for _, y in m._samples]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    expected = (max(my - max(slope, 0.0) * mx, 0.0), max(slope, 0.0))
+    assert m.coefficients() == pytest.approx(expected, rel=1e-9)
+
+
 def test_oracle_queue_is_sjf_with_its_own_policy_name() -> None:
     q = make_request_queue("oracle", aging_factor=8.0, max_wait_ms=60_000.0)
     assert isinstance(q, OracleSJFQueue) and q.policy is SchedulingPolicy.ORACLE

@@ -40,6 +40,14 @@ def test_snapshot_takes_this_gpus_share_of_each_group() -> None:
     assert snapshot_for_gpu("n3", 0, [queue("chat", 10, ws)]).depth == 0
 
 
+def test_snapshot_feeds_the_policy_the_clocks_own_attainment() -> None:
+    ws = [WorkerRef(worker_id="a", node="n1", gpu=0, slots=8)]
+    q = queue("chat", 0, ws).model_copy(update={"slo_attainment": 0.8, "clock_slo_attainment": 0.99})
+    assert snapshot_for_gpu("n1", 0, [q]).slo_attainment == pytest.approx(0.99)
+    older = queue("chat", 0, ws).model_copy(update={"slo_attainment": 0.8})  # an older scheduler
+    assert snapshot_for_gpu("n1", 0, [older]).slo_attainment == pytest.approx(0.8)
+
+
 def daemon(policy: str) -> PowerDaemon:
     settings = Settings(node="n1", powerd={"backend": "sim", "profile": "v100", "gpus": 1, "policy": policy})
     return PowerDaemon(settings, nc=None)  # type: ignore[arg-type]  # control() does no I/O

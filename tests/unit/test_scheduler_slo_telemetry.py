@@ -143,3 +143,14 @@ def test_queue_telemetry_stays_backward_compatible() -> None:
     assert tel.mean_arrivals_per_s is None and tel.slack_slowdown is None and tel.slo_attainment is None
     new = core_with_slo().telemetry(1.0, 0.5, 0, 0)
     assert decode(QueueTelemetry, encode(new)) == new
+
+
+def test_clock_attainment_counts_only_the_misses_the_clock_caused() -> None:
+    core = core_with_slo()
+    # Each solo time is 200 ms, the SLO 1 s: all three miss it.
+    core.observe_completion(gen_job("burst", 0.0), 1.5, 10, stretch_ms=0.0)  # at max clock: not the clock
+    core.observe_completion(gen_job("slowed", 0.0), 1.2, 10, stretch_ms=400.0)  # 0.8 s at max: the clock
+    core.observe_completion(gen_job("both", 0.0), 2.0, 10, stretch_ms=300.0)  # 1.7 s at max: not the clock
+    tel = core.telemetry(2.0, 0.5, 0, 3)
+    assert tel.slo_attainment == 0.0
+    assert tel.clock_slo_attainment == pytest.approx(2 / 3)
