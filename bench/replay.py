@@ -342,7 +342,7 @@ def run_replay(
     max_len: int = 512,
     max_seqs: int = 2,
     layers: int | None = 4,
-    aging_factor: float = 2.0,
+    aging_factor: float = 6.0,
     policies: tuple[str, ...] = POLICIES,
     slo_scale: float = 5.0,
     seed: int = 0,

@@ -164,12 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-len", type=int, default=512, help="cap on replayed output lengths")
     rp.add_argument("--max-seqs", type=int, default=2, help="worker batch slots (a capped batch)")
     rp.add_argument("--layers", type=int, default=4, help="SmolLM2 layers kept (30 = full model)")
-    rp.add_argument("--aging-factor", type=float, default=2.0, help="promote after this x predicted exec")
+    rp.add_argument("--aging-factor", type=float, default=6.0, help="promote after this x predicted exec")
     rp.add_argument("--policies", default="fcfs,ssjf,oracle")
     rp.add_argument("--slo-scale", type=float, default=5.0)
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
     _powerloop_command(bsub, common)
+    ag = bsub.add_parser("aging", parents=[common], help="SSJF aging factor: mean vs p99 JCT (simulated)")
+    ag.add_argument("--data", type=Path, default=DATA, help="folder with the AlpacaEval and Azure files")
+    ag.add_argument("--lengths", default="vicuna-13b,text_davinci_003", help="LLMs whose lengths are used")
+    ag.add_argument("--aging", default="2,4,6,8,12,16", help="aging factors, comma separated")
+    ag.add_argument("--load", type=float, default=0.9, help="load factor (x the worker's capacity)")
+    ag.add_argument("--requests", type=int, default=2000, help="requests per run")
+    ag.add_argument("--seeds", type=int, default=3, help="runs per setting (median reported)")
+    ag.add_argument("--calibration", type=Path, help="step-model JSON (default: measure the replay's worker)")
+    ag.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
     _sim_and_profile_commands(sub)
     return parser
 
@@ -411,6 +420,24 @@ def main(argv: list[str] | None = None) -> None:
             aging_factor=args.aging_factor,
             command=" ".join(["muserve", *sys.argv[1:]]),
         )
+        return
+    if cmd == "bench" and args.bench == "aging":
+        from bench.aging import run_aging
+
+        try:
+            run_aging(
+                data_dir=args.data,
+                out_dir=args.out,
+                lengths_models=tuple(m.strip() for m in args.lengths.split(",") if m.strip()),
+                aging=tuple(float(a) for a in args.aging.split(",") if a.strip()),
+                load=args.load,
+                requests=args.requests,
+                seeds=args.seeds,
+                calibration=args.calibration,
+                command=" ".join(["muserve", *sys.argv[1:]]),
+            )
+        except ValueError as exc:
+            sys.exit(f"muserve bench aging: {exc}")
         return
     if cmd == "bench" and args.bench == "powerloop":
         _run_powerloop(args)
