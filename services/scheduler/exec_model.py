@@ -21,6 +21,7 @@ class LinearExecModel:
     # drift cannot accumulate): the fit is O(1) however often it is asked for.
     _sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0], repr=False)
     _evictions: int = field(default=0, repr=False)
+    _longest: float | None = field(default=None, repr=False)
 
     def observe(self, tokens: int, exec_ms: float) -> None:
         """Add one finished request (output tokens, measured exec time)."""
@@ -46,11 +47,20 @@ class LinearExecModel:
             ys = [b for _, b in self._samples]
             self._sums = [sum(xs), sum(ys), sum(a * a for a in xs), sum(a * b for a, b in self._samples)]
         self._dirty = True
+        self._longest = None
 
     @property
     def samples(self) -> int:
         """Requests in the window."""
         return len(self._samples)
+
+    def longest_tokens(self) -> float | None:
+        """The longest answer in the window (None until min_samples): a bound on credible predictions."""
+        if len(self._samples) < self.min_samples:
+            return None
+        if self._longest is None:  # recomputed once per change of the window, not per prediction
+            self._longest = max(x for x, _ in self._samples)
+        return self._longest
 
     def coefficients(self) -> tuple[float, float]:
         """(const_ms, ms_per_token) now in force: fitted when there is enough data, else the priors."""

@@ -94,3 +94,42 @@ def test_remaining_work_follows_token_progress_and_is_revised_when_outlived() ->
     assert outlived and work == 1500.0  # as much again as it already produced
     work, outlived = remaining_work_ms(running(emitted=900, predicted_tokens=100, max_tokens=1000), now_s=2.0)
     assert outlived and work == 1000.0  # but never past max_tokens
+
+
+def test_predictions_beyond_any_recent_answer_are_clipped() -> None:
+    from services.common.settings import Settings
+    from services.scheduler.service import Scheduler
+
+    m = LinearExecModel(const_ms=10.0, ms_per_token=1.0, window=8, min_samples=4)
+    assert m.longest_tokens() is None  # too few answers to bound anything
+    for t in (100, 300, 512, 200):
+        m.observe(t, 10.0 + t)
+    assert m.longest_tokens() == 512
+    for t in (50, 60, 70, 80, 90, 95, 99, 98):  # the 512-token answer leaves the window
+        m.observe(t, 10.0 + t)
+    assert m.longest_tokens() == 99
+
+    settings = Settings()
+    spec = settings.models[0]
+    sched = Scheduler(settings, None, None)  # type: ignore[arg-type]  # no I/O in what is tested
+    for t in (100, 300, 512, 200) * 4:
+        sched.exec_models[spec.name].observe(t, 10.0 + 20.0 * t)
+    job = Job(
+        request_id="r",
+        kind=JobKind.GENERATE,
+        model=spec.name,
+        group=spec.group,
+        reply_to="_INBOX.r",
+        generate=GenerateRequest(
+            request_id="r", model=spec.name, prompt="hi", max_tokens=4096, ignore_eos=True
+        ),
+        predicted_exec_ms=1.0,
+        accepted_at_s=0.0,
+    )
+    sched._apply_prediction(
+        job, spec, Prediction(length_class=4, predicted_tokens=1400.0, predictor="p", score_tokens=2000.0)
+    )
+    # A replay's ignore_eos max_tokens is never read, but no estimate outruns the longest recent answer.
+    assert job.predicted_tokens == 512.0
+    const, per_token = sched.exec_models[spec.name].coefficients()
+    assert job.rank_exec_ms == pytest.approx(const + per_token * 512.0)

@@ -1,0 +1,61 @@
+"""The replay report's arithmetic: passes pooled per policy, ratios, decode time per token."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.replay import Outcome, PolicyRun, markdown, policy_ratios, pooled, summarize
+
+SLO = {
+    "solo_ttft_ms": 20.0,
+    "solo_ms_per_token": 10.0,
+    "tokens_per_s_full": 200.0,
+    "calibration_requests": 20.0,
+}
+
+
+def run(policy: str, wait_ms: float, round_: int, per_token_ms: float = 10.0) -> PolicyRun:
+    """Four 11-token answers: first token at 50 ms, then `per_token_ms` a token, plus `wait_ms` stalled."""
+    outcomes = [
+        Outcome(i, 11, float(i), ttft_ms=50.0, jct_ms=50.0 + per_token_ms * 10 + wait_ms) for i in range(4)
+    ]
+    return PolicyRun(policy, outcomes, depth=[(0.0, 1)], wall_s=10.0, round=round_)
+
+
+def test_passes_pool_per_policy_and_ratios_follow() -> None:
+    runs = [run("fcfs", 900.0, 0), run("ssjf", 400.0, 0), run("oracle", 300.0, 0)]
+    runs += [run("oracle", 300.0, 1), run("ssjf", 600.0, 1), run("fcfs", 900.0, 1, per_token_ms=20.0)]
+    ssjf = pooled(runs, "ssjf")
+    assert len(ssjf.outcomes) == 8 and ssjf.wall_s == 20.0
+    summary = {p: summarize(pooled(runs, p), SLO, 5.0) for p in ("fcfs", "ssjf", "oracle")}
+    # Time after the first token over 10 tokens: (10 or 20 ms/token) + 900 ms / 10, averaged over passes.
+    assert summary["fcfs"]["decode_ms_per_token"] == pytest.approx(15.0 + 90.0)
+    r = policy_ratios(summary)
+    assert r["ssjf_fcfs_mean"] == pytest.approx(
+        summary["ssjf"]["jct_mean_ms"] / summary["fcfs"]["jct_mean_ms"]
+    )
+    assert policy_ratios({"fcfs": summary["fcfs"]}) == {}
+    meta = {
+        "machine": {"date": "d", "cpu": "c", "cores": 2, "commit": "x"},
+        "load_before": 0.1,
+        "command": "muserve bench replay --repeats 2",
+        "requests": 4,
+        "seed": 0,
+        "lengths_model": "m",
+        "max_len": 512,
+        "mean_tokens": 11.0,
+        "arrivals": "poisson",
+        "load": 0.9,
+        "capacity_rps": 1.0,
+        "calibration": SLO,
+        "worker": "w",
+        "predictor": "p",
+        "aging_factor": 6.0,
+        "slo_scale": 5.0,
+        "ratios": r,
+        "ratios_per_pass": [
+            policy_ratios({x.policy: summarize(x, SLO, 5.0) for x in runs if x.round == k}) for k in (0, 1)
+        ],
+    }
+    md = markdown(meta, summary)
+    assert "2 passes over the policies" in md and "| fcfs |" in md and "ms/token" in md
