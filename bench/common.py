@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from services.common.machine import cpu_model
+
 
 def loadavg_1m() -> float:
     """1-minute load average (the machine is shared; we record how busy it was)."""
@@ -37,15 +39,7 @@ def wait_idle(max_load: float = 0.6, timeout_s: float = 60.0, echo: Any = print)
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     commit = ""
     with contextlib.suppress(Exception):
         commit = subprocess.run(

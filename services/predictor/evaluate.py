@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 import time
 from collections.abc import Sequence
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from services.common.machine import cpu_model
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -279,17 +280,6 @@ def _git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _clean(obj: Any) -> Any:
     """JSON-safe: NaN -> None, numpy scalars -> Python, floats rounded."""
     if isinstance(obj, dict):
@@ -538,7 +528,7 @@ def evaluate(
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": _git_commit(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "artifact": {
             "dir": str(artifact_dir) if artifact_dir else "services/predictor/artifacts/default (shipped)",

@@ -10,7 +10,6 @@ prefill = p0 + p1 * prompt + p2 * prompt^2; `muserve sim --calibration FILE` sim
 from __future__ import annotations
 
 import json
-import platform
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.common.machine import cpu_model
 from services.sim.step_model import StepModel, calibration_from_step_stats
 
 __all__ = ["DEFAULT_PROMPT_TOKENS", "calibrate_engine", "calibrate_worker"]
@@ -77,17 +77,6 @@ def calibrate_engine(
     return out
 
 
-def _cpu_name() -> str:
-    """This machine's CPU model (the step latencies are its own)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + " (CPU)"
-    except OSError:
-        pass
-    return f"{platform.machine()} CPU"
-
-
 def calibrate_worker(
     out_path: Path,
     *,
@@ -131,9 +120,8 @@ def calibrate_worker(
         stats = calibrate_engine(
             engine, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, seed=seed, progress=progress
         )
-    source = (
-        f"SmolLM2-135M-Instruct ({layers} layers, {dtype}, max_seqs {max_seqs}) measured on {_cpu_name()}"
-    )
+    shape = f"{layers} layers, {dtype}, max_seqs {max_seqs}"
+    source = f"SmolLM2-135M-Instruct ({shape}) measured on {cpu_model()} (CPU)"
     if clock_share is None:
         from services.common.settings import ModelSpec
 

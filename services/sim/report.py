@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.machine import cpu_model
 from services.powerd.sensitivity import estimate_sensitivity, resolve_model_shape
 from services.powerd.sim_gpu import GpuProfile, get_profile
 from services.sim.engine import SimConfig, SimResult, simulate
@@ -145,17 +145,6 @@ def _git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _cpu() -> str:
-    """CPU model name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _plot(path: Path, own: dict[str, SimResult], low: dict[str, SimResult], sweep: dict[str, Any]) -> None:
@@ -456,7 +445,7 @@ def run_sim(plan: SimPlan, log: Callable[[str], None] = print) -> dict[str, Any]
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": _git_commit(),
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "command": plan.command,
         "simulated": True,
