@@ -59,3 +59,20 @@ def test_passes_pool_per_policy_and_ratios_follow() -> None:
     }
     md = markdown(meta, summary)
     assert "2 passes over the policies" in md and "| fcfs |" in md and "ms/token" in md
+
+
+def test_saturated_throughput_leaves_the_drain_tail_out() -> None:
+    from bench.replay import saturated_tokens_per_s
+
+    # Two slots, 10 ms a token, three 100-token answers and one of 1,000 sent at once: the long one
+    # decodes alone for its last 9 s, which the burst's plain average would count as capacity.
+    burst = [
+        Outcome(0, 100, 0.0, ttft_ms=0.0, jct_ms=1000.0),
+        Outcome(1, 100, 0.0, ttft_ms=1000.0, jct_ms=2000.0),
+        Outcome(2, 100, 0.0, ttft_ms=2000.0, jct_ms=3000.0),
+        Outcome(3, 1000, 0.0, ttft_ms=0.0, jct_ms=10000.0),
+    ]
+    # Cut at 3 s (one left): 300 finished tokens + 3/10 of the long answer = 600 tokens in 3 s.
+    assert saturated_tokens_per_s(burst, 2) == pytest.approx(200.0)
+    assert sum(o.tokens for o in burst) / 10.0 == pytest.approx(130.0)  # what the plain average says
+    assert saturated_tokens_per_s(burst[:2], 2) == pytest.approx(100.0)  # no more answers than slots
