@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 from services.common.machine import cpu_model
@@ -64,3 +68,59 @@ def write_json(path: Path, obj: Any) -> None:
     """Pretty JSON, folders created."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class Streamed:
+    """What the client saw of one streamed chat completion (times from when it was sent)."""
+
+    ttft_ms: float = math.nan
+    jct_ms: float = math.nan
+    usage: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int, send_at_s: float
+) -> Streamed:
+    """At perf_counter() == send_at_s, stream a chat completion of exactly `tokens` tokens (ignore_eos).
+
+    Records the first content token, the end and the final usage block; a failure is a result too.
+    """
+    out = Streamed()
+    delay = send_at_s - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    try:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return out
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    out.error = str(obj["error"].get("message"))
+                    break
+                choices = obj.get("choices")
+                if choices and math.isnan(out.ttft_ms) and choices[0]["delta"].get("content"):
+                    out.ttft_ms = (time.perf_counter() - start) * 1000.0
+                if obj.get("usage"):
+                    out.usage = obj["usage"]
+    except Exception as exc:  # a client-side failure is a result too
+        out.error = repr(exc)
+        return out
+    out.jct_ms = (time.perf_counter() - start) * 1000.0
+    return out

@@ -33,7 +33,7 @@ import aiohttp
 import msgpack
 import nats
 
-from bench.common import machine_info, pct, wait_idle, write_json
+from bench.common import machine_info, pct, stream_chat, wait_idle, write_json
 from services.common import subjects
 from services.launcher import Cluster, ServiceSpec, free_port
 
@@ -121,45 +121,21 @@ async def _request(
     session: aiohttp.ClientSession, url: str, model: str, req: LoopRequest, t0: float
 ) -> LoopOutcome:
     """Stream one chat completion at its arrival time; record TTFT, JCT and the usage block."""
-    out = LoopOutcome(req.idx, req.tokens, req.arrival_s, req.phase)
-    delay = t0 + req.arrival_s - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": req.prompt}],
-        "max_tokens": req.tokens,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    try:
-        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return out
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    out.error = str(obj["error"].get("message"))
-                    break
-                choices = obj.get("choices")
-                if choices and math.isnan(out.ttft_ms) and choices[0]["delta"].get("content"):
-                    out.ttft_ms = (time.perf_counter() - start) * 1000.0
-                if obj.get("usage"):
-                    u = obj["usage"]
-                    out.queue_ms, out.completion_tokens = u.get("queue_ms"), u.get("completion_tokens")
-                    out.energy_j, out.energy_simulated = u.get("energy_j"), u.get("energy_simulated")
-    except Exception as exc:  # a client-side failure is a result too
-        out.error = repr(exc)
-        return out
-    out.jct_ms = (time.perf_counter() - start) * 1000.0
-    return out
+    got = await stream_chat(session, url, model, req.prompt, req.tokens, t0 + req.arrival_s)
+    u = got.usage
+    return LoopOutcome(
+        req.idx,
+        req.tokens,
+        req.arrival_s,
+        req.phase,
+        ttft_ms=got.ttft_ms,
+        jct_ms=got.jct_ms,
+        queue_ms=u.get("queue_ms"),
+        completion_tokens=u.get("completion_tokens"),
+        energy_j=u.get("energy_j"),
+        energy_simulated=u.get("energy_simulated"),
+        error=got.error,
+    )
 
 
 async def _closed_loop(

@@ -28,7 +28,7 @@ import aiohttp
 import msgpack
 import nats
 
-from bench.common import machine_info, pct, wait_idle, write_json
+from bench.common import machine_info, pct, stream_chat, wait_idle, write_json
 from services.common import subjects
 from services.launcher import Cluster, ServiceSpec, free_port
 
@@ -120,48 +120,19 @@ def test_prompts_with_lengths(
 async def _one(
     session: aiohttp.ClientSession, url: str, model: str, req: ReplayRequest, t0: float
 ) -> Outcome:
-    out = Outcome(req.idx, req.tokens, req.arrival_s)
-    delay = t0 + req.arrival_s - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": req.prompt}],
-        "max_tokens": req.tokens,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    try:
-        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return out
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    out.error = obj["error"].get("message")
-                    break
-                if (
-                    obj.get("choices")
-                    and math.isnan(out.ttft_ms)
-                    and obj["choices"][0]["delta"].get("content")
-                ):
-                    out.ttft_ms = (time.perf_counter() - start) * 1000.0
-                if obj.get("usage"):
-                    u = obj["usage"]
-                    out.queue_ms, out.length_class = u.get("queue_ms"), u.get("length_class")
-                    out.predicted_tokens = u.get("predicted_tokens")
-    except Exception as exc:  # a client-side failure is a result too
-        out.error = repr(exc)
-        return out
-    out.jct_ms = (time.perf_counter() - start) * 1000.0
-    return out
+    got = await stream_chat(session, url, model, req.prompt, req.tokens, t0 + req.arrival_s)
+    u = got.usage
+    return Outcome(
+        req.idx,
+        req.tokens,
+        req.arrival_s,
+        ttft_ms=got.ttft_ms,
+        jct_ms=got.jct_ms,
+        queue_ms=u.get("queue_ms"),
+        length_class=u.get("length_class"),
+        predicted_tokens=u.get("predicted_tokens"),
+        error=got.error,
+    )
 
 
 async def _replay(
