@@ -29,17 +29,15 @@ P99_TARGET = 1.2  # issue 4: SSJF p99 JCT <= 1.2 x FCFS
 PROMPT_TEMPLATE_TOKENS = 30  # the chat template around a user message, in SmolLM2 tokens
 
 
-def _lengths(data_dir: Path, model: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def _lengths(
+    data: Any, prompt_tokens: dict[Any, int], model: str, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(prompt tokens incl. the chat template, answer tokens capped) of every prompt `model` answered."""
-    from services.predictor.data import load_length_data, read_prompt_tokens
-
-    data = load_length_data(data_dir)
     if model not in data.models:
-        raise ValueError(f"no lengths for model {model!r} in {data_dir}")
+        raise ValueError(f"no lengths for model {model!r} in the data")
     sel = data.cols == data.models.index(model)
-    ptok = read_prompt_tokens(data_dir)
     prompts = np.array(
-        [max(ptok.get(data.prompt_ids[r], 1), 1) + PROMPT_TEMPLATE_TOKENS for r in data.rows[sel]]
+        [max(prompt_tokens.get(data.prompt_ids[r], 1), 1) + PROMPT_TEMPLATE_TOKENS for r in data.rows[sel]]
     )
     return prompts.astype(np.int64), np.minimum(data.tokens[sel], max_len).astype(np.int64)
 
@@ -63,6 +61,7 @@ def run_aging(
     """Simulate FCFS, SSJF and oracle SJF at each aging factor; write sim-aging.{json,md,png}."""
     from services.common.settings import Settings
     from services.powerd.sim_gpu import get_profile
+    from services.predictor.data import load_length_data, read_prompt_tokens
     from services.sim.calibrate import calibrate_worker
     from services.sim.engine import SimConfig, simulate
     from services.sim.report import _load_predictor
@@ -70,6 +69,13 @@ def run_aging(
     from services.sim.workload import Workload, load_azure_csv
 
     started = time.monotonic()
+    # Read once (every length set is a column of the same table), and reject unknown LLMs before the
+    # calibration's minute of work.
+    data = load_length_data(data_dir)
+    prompt_tokens = read_prompt_tokens(data_dir)
+    unknown = [m for m in lengths_models if m not in data.models]
+    if unknown:
+        raise ValueError(f"no lengths for model(s) {unknown} in {data_dir}")
     if calibration is None:
         echo(f"calibrating the worker engine ({layers or 30} layers, {max_seqs} slots) ...")
         with tempfile.TemporaryDirectory(prefix="muserve-aging-") as tmp:
@@ -92,7 +98,7 @@ def run_aging(
     )
     results: dict[str, Any] = {}
     for model in lengths_models:
-        prompts, answers = _lengths(data_dir, model, max_len)
+        prompts, answers = _lengths(data, prompt_tokens, model, max_len)
         runs: dict[str, list[dict[str, float]]] = {}
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
