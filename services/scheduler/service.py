@@ -358,21 +358,22 @@ class Scheduler:
         """Attach a prediction and the exec-time estimate SSJF orders by."""
         gen = job.generate
         assert gen is not None
+        exec_model = self.exec_models[spec.name]
         tokens = prediction.predicted_tokens
         rank = prediction.score_tokens if prediction.score_tokens is not None else tokens
         if gen.ignore_eos and self.settings.groups[spec.group].policy == "oracle":
             tokens = rank = float(gen.max_tokens)  # a replay's true length: only the oracle may see it
         else:
-            if not gen.ignore_eos:
-                # max_tokens caps any answer; with ignore_eos it is a replay's true length, so never used.
-                tokens = min(tokens, float(gen.max_tokens))
-                rank = min(rank, float(gen.max_tokens))
+            # max_tokens caps any answer (with ignore_eos it is a replay's true length, so never used).
             # Nor is a prediction longer than any recent answer of this model credible: an over-long
             # estimate would push the request's aging bound far out and it would starve in the tail.
-            longest = self.exec_models[spec.name].longest_tokens()
+            caps = [float(gen.max_tokens)] if not gen.ignore_eos else []
+            longest = exec_model.longest_tokens()
             if longest is not None:
-                tokens, rank = min(tokens, longest), min(rank, longest)
-        const_ms, ms_per_token = self.exec_models[spec.name].coefficients()
+                caps.append(longest)
+            if caps:
+                tokens, rank = min(tokens, *caps), min(rank, *caps)
+        const_ms, ms_per_token = exec_model.coefficients()
         job.prediction = prediction
         job.predicted_tokens = tokens
         job.ms_per_token = ms_per_token
