@@ -64,7 +64,7 @@ def run_aging(
     from services.predictor.data import load_length_data, read_prompt_tokens
     from services.sim.calibrate import calibrate_worker
     from services.sim.engine import SimConfig, simulate
-    from services.sim.report import _load_predictor
+    from services.sim.predictor import load_confusion_predictor
     from services.sim.step_model import StepModel
     from services.sim.workload import Workload, load_azure_csv
 
@@ -91,7 +91,7 @@ def run_aging(
             step_model = StepModel.from_json(path)
     else:
         step_model = StepModel.from_json(calibration)
-    predictor = _load_predictor(None)
+    predictor = load_confusion_predictor(None)
     gaps = np.diff(load_azure_csv(data_dir / "AzureLLMInferenceTrace_conv.csv").arrival_s)
     base = SimConfig(
         profile=get_profile("V100"), step_model=step_model, gpus=1, slots=max_seqs, clock_policy="max-clock"

@@ -369,7 +369,7 @@ def simulated_twin(
 
     from services.common.settings import Settings
     from services.sim.calibrate import calibrate_worker
-    from services.sim.report import _load_predictor
+    from services.sim.predictor import load_confusion_predictor
     from services.sim.step_model import StepModel
     from services.sim.workload import Workload
     from services.worker.models import chat_prompt_ids, ensure_smollm2
@@ -398,7 +398,7 @@ def simulated_twin(
         np.array([workload[i].tokens for i in order], dtype=np.int64),
     )
     budget_ms = slo_scale * (slo["solo_ttft_ms"] + w.output_tokens * slo["solo_ms_per_token"])
-    predictor = _load_predictor(None)
+    predictor = load_confusion_predictor(None)
     # The engine alone on an idle machine is faster than the live worker, which shares the 2 cores with
     # the control plane and streams every token: "in situ" scales the fitted step model to the solo
     # TTFT and time per token the client measured at max clock on the live cluster (the warm-up).

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from services.predictor.data import class_edges, classes_of, edge_percentiles
 
-__all__ = ["DEFAULT_CONFUSION", "ConfusionPredictor", "predict_tokens"]
+__all__ = ["DEFAULT_CONFUSION", "ConfusionPredictor", "load_confusion_predictor", "predict_tokens"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -113,3 +113,16 @@ def predict_tokens(
             means[k] = (bounds[k] + bounds[k + 1]) / 2.0
     predicted = predictor.sample(true_class, rng)
     return means[predicted].astype(np.float64), predicted
+
+
+def load_confusion_predictor(path: Path | None) -> ConfusionPredictor:
+    """The given confusion file, else the evaluation report's matrix if it has one, else the shipped copy."""
+    if path is not None:
+        return ConfusionPredictor.from_json(path)
+    report = Path("bench/results/predictor-eval.json")
+    if report.exists():
+        try:
+            return ConfusionPredictor.from_json(report)
+        except (ValueError, KeyError, TypeError):
+            pass  # the report does not (yet) carry the matrix
+    return ConfusionPredictor.default()

@@ -23,7 +23,7 @@ from services.powerd.sensitivity import estimate_sensitivity, resolve_model_shap
 from services.powerd.sim_gpu import GpuProfile, get_profile
 from services.sim.engine import SimConfig, SimResult, simulate
 from services.sim.groups import simulate_groups
-from services.sim.predictor import ConfusionPredictor
+from services.sim.predictor import ConfusionPredictor, load_confusion_predictor
 from services.sim.step_model import StepModel
 from services.sim.workload import Workload, make_workload
 
@@ -61,19 +61,6 @@ class SimPlan:
     seed: int = 0
     progress: bool = True
     command: str = ""
-
-
-def _load_predictor(path: Path | None) -> ConfusionPredictor:
-    """The given confusion file, else the evaluation report's matrix if it has one, else the shipped copy."""
-    if path is not None:
-        return ConfusionPredictor.from_json(path)
-    report = Path("bench/results/predictor-eval.json")
-    if report.exists():
-        try:
-            return ConfusionPredictor.from_json(report)
-        except (ValueError, KeyError, TypeError):
-            pass  # the report does not (yet) carry the matrix
-    return ConfusionPredictor.default()
 
 
 def provision_gpus(
@@ -326,7 +313,7 @@ def run_sim(plan: SimPlan, log: Callable[[str], None] = print) -> dict[str, Any]
     step_model = StepModel.roofline(shape, profile)
     if plan.calibration is not None:
         step_model = StepModel.from_json(plan.calibration, base=step_model)
-    predictor = _load_predictor(plan.confusion)
+    predictor = load_confusion_predictor(plan.confusion)
     own = make_workload(plan.workload, data_dir=plan.data_dir, requests=plan.requests, seed=plan.seed)
     mean_prompt, mean_out = float(own.prompt_tokens.mean()), float(own.output_tokens.mean())
     sens: dict[str, Any]
