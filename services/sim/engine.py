@@ -529,16 +529,9 @@ def simulate(
                     due_ms = dl[r] * 1000.0
                 else:
                     # Outlived its prediction: as much again (the scheduler's rule), due at the SLO
-                    # of that longer answer (solo_est_ms inlined).
+                    # of that longer answer.
                     left = done if done > 1 else 1
-                    steps = done + left - 1.0
-                    p = pr[r]
-                    due_ms = arr[r] * 1000.0 + slo_scale * (
-                        q0
-                        + (q1 + q2 * p) * p
-                        + steps * solo_step
-                        + per_ctx * (steps * (p + 1.0) + steps * (steps - 1.0) / 2.0)
-                    )
+                    due_ms = arr[r] * 1000.0 + slo_scale * solo_est_ms(pr[r], done + left)
                 left_ms = left * mpt
                 work += left_ms
                 ratio = (due_ms - t_ms) / left_ms
