@@ -75,10 +75,16 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     tr.add_argument(
         "--out", type=Path, default=PACKAGE_ARTIFACT, help="artifact folder (default: the shipped one)"
     )
-    tr.add_argument("--layers", type=int, default=4, help="MiniLM layers kept")
+    tr.add_argument(
+        "--encoder",
+        choices=["minilm", "smollm2"],
+        default="minilm",
+        help="minilm: LoRA-tuned sentence encoder (fast); smollm2: the served LLM's own first layers",
+    )
+    tr.add_argument("--layers", type=int, help="encoder layers kept (default: minilm 4, smollm2 16)")
     tr.add_argument("--classes", type=int, default=5)
     tr.add_argument("--objective", default="listmle", help="ranking (listmle) or regression (mse) loss")
-    tr.add_argument("--epochs", type=int, default=8)
+    tr.add_argument("--epochs", type=int, help="default: minilm 8, smollm2 60")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=1, help="torch threads")
     ev = psub.add_parser("eval", parents=[common], help="held-out evaluation vs baselines (report + PNG)")
@@ -87,6 +93,13 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     ev.add_argument("--artifact", type=Path, help="artifact folder (default: the shipped one)")
     ev.add_argument("--out", type=Path, default=Path("bench/results"))
     ev.add_argument("--seed", type=int, default=0, help="the artifact's split seed")
+    ev.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        metavar="NAME=DIR",
+        help="more artifacts scored and timed side by side, e.g. minilm=services/predictor/artifacts/minilm",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -499,6 +512,7 @@ def _predictor(args: argparse.Namespace) -> int:
             args.data,
             args.out,
             collected=collected,
+            encoder=args.encoder,
             layers=args.layers,
             classes=args.classes,
             objective=args.objective,
@@ -506,13 +520,20 @@ def _predictor(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads,
             log=print,
+            cache_dir=settings.cache,
         )
         print(f"artifact written to {args.out}")
         return 0
     if args.predictor_cmd == "eval":
         from services.predictor.evaluate import evaluate
 
-        evaluate(args.data, args.artifact, args.out, collected=collected, seed=args.seed)
+        compare = {}
+        for spec in args.compare:
+            name, sep, folder = spec.partition("=")
+            if not sep or not name or not folder:
+                raise SystemExit(f"--compare wants NAME=DIR, got {spec!r}")
+            compare[name] = Path(folder)
+        evaluate(args.data, args.artifact, args.out, collected=collected, seed=args.seed, compare=compare)
         print(f"report written to {args.out / 'predictor-eval.md'}")
         return 0
     return 2

@@ -106,7 +106,9 @@ class SchedulerSettings(BaseModel):
     groups: list[str] | None = None
     telemetry_interval_ms: float = Field(default=500.0, gt=0.0)
     worker_lease_ms: float = Field(default=3000.0, gt=0.0)
-    predictor_timeout_ms: float = Field(default=250.0, gt=0.0)
+    # The shipped predictor reads 16 layers of SmolLM2 (~30-50 ms a prompt on 2 CPU cores): a burst of
+    # arrivals queues there. Absent predictors answer "no responders" at once; only a hung one waits.
+    predictor_timeout_ms: float = Field(default=1000.0, gt=0.0)
     ack_wait_s: float = Field(default=300.0, gt=0.0)
     max_attempts: int = Field(default=3, ge=1)
     # After a restart, wait this long for worker heartbeats before re-dispatching recovered jobs.
@@ -143,8 +145,13 @@ class PredictorSettings(BaseModel):
 
     # "proxy": the trained MiniLM proxy model; "median": the per-model median baseline.
     kind: Literal["proxy", "median"] = "proxy"
-    # Artifact folder of the proxy model (None: the one shipped in services/predictor/artifacts/default).
+    # Artifact folder of the proxy model (None: the one shipped in services/predictor/artifacts/default,
+    # SmolLM2's first 16 layers; services/predictor/artifacts/minilm is the fast, less accurate one).
     artifact: Path | None = None
+    # Who answers calls that would wait longer than max_wait_ms behind the proxy model (a burst on a
+    # CPU): the shipped MiniLM artifact, the median baseline, or nobody (they wait).
+    overflow: Literal["minilm", "median", "none"] = "minilm"
+    max_wait_ms: float = Field(default=250.0, gt=0.0)
     # One torch thread: on a shared CPU two threads wait on each other (10-100x slower under load).
     threads: int | None = Field(default=1, ge=1)
     # 0 = opportunistic batching: run at once when idle, batch whatever arrived while busy.

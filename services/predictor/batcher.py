@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 
 from services.common.schemas import Prediction, PredictItem
 from services.predictor.base import LengthPredictor
 
+Entry = tuple[Sequence[PredictItem], "asyncio.Future[list[Prediction]]"]
+# Weight of the newest batch in the running estimate of the predictor's time per item.
+COST_EWMA = 0.3
+
 
 class MicroBatcher:
-    """Runs the predictor at once when idle and batches what arrives while it is busy (or within a window)."""
+    """Runs the predictor at once when idle and batches what arrives while it is busy (or within a window).
+
+    With an overflow predictor, calls that would wait longer than max_wait_ms for the main one (judged
+    by its measured time per item) are answered by the overflow at once: under a burst the service
+    degrades to the cheaper predictor instead of falling behind.
+    """
 
     def __init__(
         self,
@@ -20,16 +30,22 @@ class MicroBatcher:
         window_ms: float = 0.0,
         max_batch: int = 64,
         executor: Executor | None = None,
+        overflow: LengthPredictor | None = None,
+        max_wait_ms: float = 250.0,
     ) -> None:
         self.predictor = predictor
         self.window_s = window_ms / 1000.0
         self.max_batch = max_batch
         # Heavy models run on an executor (one thread for torch) so the loop keeps receiving requests.
         self.executor = executor
-        self._pending: list[tuple[Sequence[PredictItem], asyncio.Future[list[Prediction]]]] = []
+        self.overflow = overflow
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._pending: list[Entry] = []
         self._running = False
+        self._s_per_item: float | None = None
         self.batches = 0
         self.items = 0
+        self.shed = 0  # items the overflow predictor answered
 
     async def predict(self, items: Sequence[PredictItem]) -> list[Prediction]:
         """Queue items and wait for their predictions."""
@@ -40,36 +56,67 @@ class MicroBatcher:
             asyncio.get_running_loop().create_task(self._drain())
         return await fut
 
+    async def _run(self, predictor: LengthPredictor, flat: list[PredictItem]) -> list[Prediction]:
+        if self.executor is not None:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, predictor.predict, flat)
+        return predictor.predict(flat)
+
+    def _late(self, ahead_items: int) -> list[Entry]:
+        """Pending calls that could not start within max_wait behind ahead_items items (taken out)."""
+        if self.overflow is None or self._s_per_item is None:
+            return []
+        keep: list[Entry] = []
+        late: list[Entry] = []
+        cost_s = ahead_items * self._s_per_item
+        for entry in self._pending:
+            (late if cost_s > self.max_wait_s else keep).append(entry)
+            if cost_s <= self.max_wait_s:
+                cost_s += len(entry[0]) * self._s_per_item
+        self._pending = keep
+        return late
+
+    async def _answer(self, predictor: LengthPredictor, batch: list[Entry]) -> bool:
+        """Run one batch and hand each caller its slice; an error reaches every caller of the batch."""
+        flat = [item for items, _ in batch for item in items]
+        try:
+            preds = await self._run(predictor, flat)
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return False
+        i = 0
+        for items, fut in batch:
+            if not fut.done():
+                fut.set_result(preds[i : i + len(items)])
+            i += len(items)
+        return True
+
     async def _drain(self) -> None:
         try:
             if self.window_s > 0:
                 await asyncio.sleep(self.window_s)
             while self._pending:
-                batch: list[tuple[Sequence[PredictItem], asyncio.Future[list[Prediction]]]] = []
+                batch: list[Entry] = []
                 n = 0
-                while self._pending and (not batch or n + len(self._pending[0][0]) <= self.max_batch):
+                limit = self.max_batch
+                if self.overflow is not None and self._s_per_item:
+                    # A batch's callers all wait for its end: no bigger than max_wait allows.
+                    limit = min(limit, max(1, int(self.max_wait_s / self._s_per_item)))
+                while self._pending and (not batch or n + len(self._pending[0][0]) <= limit):
                     entry = self._pending.pop(0)
                     batch.append(entry)
                     n += len(entry[0])
-                flat = [item for items, _ in batch for item in items]
-                try:
-                    if self.executor is not None:
-                        loop = asyncio.get_running_loop()
-                        preds = await loop.run_in_executor(self.executor, self.predictor.predict, flat)
-                    else:
-                        preds = self.predictor.predict(flat)
-                except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                self.batches += 1
-                self.items += len(flat)
-                i = 0
-                for items, fut in batch:
-                    if not fut.done():
-                        fut.set_result(preds[i : i + len(items)])
-                    i += len(items)
+                late = self._late(n)
+                if late and self.overflow is not None and await self._answer(self.overflow, late):
+                    self.shed += sum(len(items) for items, _ in late)
+                t0 = time.perf_counter()
+                if await self._answer(self.predictor, batch):
+                    per_item = (time.perf_counter() - t0) / max(n, 1)
+                    prev = self._s_per_item
+                    self._s_per_item = per_item if prev is None else prev + COST_EWMA * (per_item - prev)
+                    self.batches += 1
+                    self.items += n
                 # Let requests that arrived during this batch join the next one.
                 await asyncio.sleep(0)
         finally:

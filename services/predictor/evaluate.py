@@ -21,7 +21,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -304,7 +304,7 @@ PREDICTORS = {
     "proxy": "proxy predictor (this artifact)",
     "median": "per-model median (train)",
     "prompt_length": "per-model linear on log prompt tokens",
-    "frozen_ridge": "frozen encoder (same layers) + ridge",
+    "frozen_ridge": "frozen MiniLM (the artifact's layers, or 4) + ridge",
     "oracle": "reference: other LLMs' lengths on the same prompt",
 }
 
@@ -319,11 +319,13 @@ def evaluate(
     threads: int | None = None,
     latency: bool = True,
     latency_threads: Sequence[int] = (1, 2),
+    compare: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Score the artifact and baselines on held-out prompts, time predict(), write out_dir/predictor-eval.*.
 
     artifact_dir None = the shipped artifact. seed must be the artifact's split seed (the test prompts
-    are those it never saw). Latency is measured with each of latency_threads torch threads.
+    are those it never saw). Latency is measured with each of latency_threads torch threads. compare:
+    more artifacts (name -> folder, same split seed), scored and timed side by side with the first.
     Returns what the JSON report holds.
     """
     from services.predictor.data import (
@@ -360,6 +362,22 @@ def evaluate(
     )
     pred["proxy"] = {k: matrix[parts[k].rows, col[parts[k].cols]] for k in held}
     score["proxy"] = dict(pred["proxy"])  # type: ignore[arg-type]
+    predictors = {"proxy": f"proxy predictor {predictor.ident} (this artifact)"}
+    others: dict[str, ProxyLengthPredictor] = {}
+    for name, folder in (compare or {}).items():
+        if name in PREDICTORS:
+            raise ValueError(f"compare name {name!r} is taken by a baseline")
+        other = ProxyLengthPredictor.load(folder, threads=threads)
+        other_seed = int(other.metadata["data"]["split"]["seed"])
+        if other_seed != seed:
+            raise ValueError(f"{folder}: split with seed {other_seed}, not {seed}")
+        om = other.log_tokens_matrix(data.texts).double().numpy()
+        oc = np.array([other.models.index(m) if other.knows(m) else len(other.models) for m in data.models])
+        pred[name] = {k: om[parts[k].rows, oc[parts[k].cols]] for k in held}
+        score[name] = dict(pred[name])  # type: ignore[arg-type]
+        predictors[name] = f"proxy predictor {other.ident}"
+        others[name] = other
+    predictors |= {k: v for k, v in PREDICTORS.items() if k != "proxy"}
 
     med = np.full(n_m, float(np.median(parts["train"].tokens)))
     for m in range(n_m):
@@ -384,7 +402,10 @@ def evaluate(
     score["prompt_length"] = dict(pred["prompt_length"])  # type: ignore[arg-type]
 
     net = meta["net"]
-    emb = frozen_embeddings(data.texts, int(net["layers"]), int(net["head_tokens"]), int(net["tail_tokens"]))
+    # A MiniLM artifact is compared with its own encoder untuned; an LM artifact with the MiniLM
+    # proxy's depth.
+    ridge_layers = int(net["layers"]) if net.get("encoder", "minilm") == "minilm" else 4
+    emb = frozen_embeddings(data.texts, ridge_layers, int(net["head_tokens"]), int(net["tail_tokens"]))
     tr = parts["train"]
     effect, _ = additive_fit(tr.rows, tr.cols, logy["train"], n_p, n_m)
     train_rows = rows["train"]
@@ -440,7 +461,7 @@ def evaluate(
             d = parts[split]
             sel = st["keep"][d.cols]
             res[split] = {"answers": int(sel.sum()), "prompts": len(rows[split])}
-            for p in PREDICTORS:
+            for p in predictors:
                 sc = score[p][split]
                 y_true = classes_of(d.tokens[sel], edges)
                 y_pred = classes_of(np.exp(pred[p][split][sel]), edges)
@@ -466,7 +487,7 @@ def evaluate(
             d = parts[split]
             sel = d.cols == c
             served[m][split] = {"answers": int(sel.sum())}
-            for p in ("proxy", "median", "prompt_length", "frozen_ridge"):
+            for p in (p for p in predictors if p != "oracle"):
                 sc = score[p][split]
                 sub = d.subset(np.unique(d.rows[sel])) if sel.any() else None
                 if sub is None:
@@ -482,22 +503,12 @@ def evaluate(
                 )
 
     lat: dict[str, Any] = {}
+    lat_compare: dict[str, Any] = {}
     if latency:
-        import torch
-
         texts = [data.texts[i] for i in rows["test"]]
         lat_model = (meta.get("served_models") or predictor.models)[0]
-        default_threads = torch.get_num_threads()
-        lat = {
-            "model": lat_model,
-            "int8": predictor.int8,
-            "default_threads": default_threads,
-            "by_threads": {},
-        }
-        for t in latency_threads:
-            torch.set_num_threads(t)
-            lat["by_threads"][str(t)] = measure_latency(predictor, texts, lat_model, seed=seed)
-        torch.set_num_threads(default_threads)
+        lat = _latency(predictor, texts, lat_model, latency_threads, seed)
+        lat_compare = {k: _latency(o, texts, lat_model, latency_threads, seed) for k, o in others.items()}
 
     table = results.get("table_27_models", {}).get("test", {}).get("proxy", {})
     every = results["all_models"]["test"]["proxy"]
@@ -524,6 +535,23 @@ def evaluate(
             "met": bool(v <= 5.0),
             "machine_busy": lat["by_threads"][best_threads]["machine"]["busy"],
         }
+    for name in others:
+        for key, metric, limit in checks:
+            v = results.get("table_27_models", {}).get("test", {}).get(name, {}).get(metric)
+            targets[f"{key} ({name})"] = {
+                "table_27_setting": v,
+                "all_models": results["all_models"]["test"][name][metric],
+                "met": None if v is None else bool(v >= limit),
+            }
+        o_b8 = {t: x["8"]["p50_ms"] for t, x in lat_compare.get(name, {}).get("by_threads", {}).items()}
+        if o_b8:
+            t = min(o_b8, key=lambda k: o_b8[k])
+            targets[f"p50 ms per request at batch 8 <= 5 ({name})"] = {
+                "value": o_b8[t],
+                "threads": int(t),
+                "met": bool(o_b8[t] <= 5.0),
+                "machine_busy": lat_compare[name]["by_threads"][t]["machine"]["busy"],
+            }
 
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -545,11 +573,12 @@ def evaluate(
             "models": n_m,
             "split_seed": seed,
         },
-        "predictors": PREDICTORS,
+        "predictors": predictors,
         "ridge_lambda": ridge_lambda,
         "settings": results,
         "served_models": served,
         "latency": lat,
+        "latency_compare": lat_compare,
         "targets": targets,
         "seconds": round(time.time() - started, 1),
     }
@@ -565,6 +594,29 @@ def evaluate(
     _confusion_png(out_dir / f"{REPORT}.png", confusions)
     (out_dir / f"{REPORT}.md").write_text(render_markdown(report), encoding="utf-8")
     return report
+
+
+def _latency(
+    predictor: Any, texts: Sequence[str], model: str, threads: Sequence[int], seed: int
+) -> dict[str, Any]:
+    """measure_latency at each torch thread count (the process's default restored after)."""
+    import torch
+
+    default_threads = torch.get_num_threads()
+    out: dict[str, Any] = {
+        "ident": predictor.ident,
+        "model": model,
+        "int8": predictor.int8,
+        "default_threads": default_threads,
+        "by_threads": {},
+    }
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            out["by_threads"][str(t)] = measure_latency(predictor, texts, model, seed=seed)
+    finally:
+        torch.set_num_threads(default_threads)
+    return out
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -640,7 +692,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         ]
         for m, sv in r["served_models"].items():
             for split in ("test", "validation"):
-                for p in ("proxy", "median", "prompt_length", "frozen_ridge"):
+                for p in (p for p in r["predictors"] if p != "oracle"):
                     x = sv[split].get(p)
                     if x:
                         lines.append(
@@ -658,18 +710,22 @@ def render_markdown(r: dict[str, Any]) -> str:
             + ". Few answers: these figures are noisy.",
             "",
         ]
-    if lat:
+    timings = [("proxy", lat)] if lat else []
+    timings += list(r.get("latency_compare", {}).items())
+    if timings:
         lines += [
             "## Latency of predict()",
             "",
             "Wall time of one predict() call divided by its batch size (random test prompts, model "
-            f"`{lat['model']}`, int8 encoder: {lat['int8']}), per torch thread count; CPU ms = CPU time "
+            f"`{lat['model']}`), per torch thread count; CPU ms = CPU time "
             "of this process per request (all its threads), less sensitive to other jobs than wall time. "
             "When another process keeps the cores busy, 2 torch threads wait on each other (OpenMP "
             "barriers) and can be far slower than 1: a predictor sharing the CPU should use threads=1.",
             "",
         ]
-        for t, x in lat["by_threads"].items():
+    for who, one in timings:
+        lines += [f"### `{who}`: {one.get('ident', r['artifact']['ident'])}, int8 encoder: {one['int8']}", ""]
+        for t, x in one["by_threads"].items():
             m = x["machine"]
             b, a = m["before"], m["after"]
             label = "MEASURED WHILE THE MACHINE WAS BUSY" if m["busy"] else "machine quiet"

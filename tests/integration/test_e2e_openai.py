@@ -33,7 +33,7 @@ def test_chat_non_stream_reports_usage_and_muserve_fields(client: OpenAI) -> Non
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
     extra = u.model_extra or {}
     assert extra["queue_ms"] >= 0 and extra["ttft_ms"] > 0 and extra["length_class"] in range(5)
-    assert extra["predictor"].startswith("proxy-minilm@")  # the shipped trained predictor, not a fallback
+    assert extra["predictor"].startswith("proxy-smollm2@")  # the shipped trained predictor, not a fallback
     assert extra["energy_j"] > 0 and extra["energy_simulated"] is True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -230,3 +231,43 @@ async def test_batcher_with_the_median_predictor() -> None:
     r1, r2 = await asyncio.gather(b.predict([item("a", "m1")]), b.predict([item("b", "m2")]))
     assert (r1[0].length_class, r2[0].length_class) == (3, 0)
     assert b.batches == 1
+
+
+class SleepyPredictor(RecordingPredictor):
+    """A RecordingPredictor that costs a fixed wall time per item (a slow model on a busy CPU)."""
+
+    def __init__(self, name: str, s_per_item: float) -> None:
+        super().__init__()
+        self.name = name
+        self.s_per_item = s_per_item
+
+    def predict(self, items: Sequence[PredictItem]) -> list[Prediction]:
+        """Sleep, then predict like RecordingPredictor."""
+        time.sleep(self.s_per_item * len(items))
+        return super().predict(items)
+
+
+async def test_batcher_sheds_a_burst_to_the_overflow_predictor_and_answers_everyone() -> None:
+    slow, fast = SleepyPredictor("slow", 0.05), SleepyPredictor("fast", 0.0)
+    b = MicroBatcher(slow, executor=ThreadPoolExecutor(1), overflow=fast, max_wait_ms=120.0)
+    # Alone, a call goes to the main predictor (which also measures its cost: 50 ms an item).
+    (first,) = await b.predict([item("solo")])
+    assert first.predictor == "slow@0" and b.shed == 0
+    # A burst of 12 one-item calls: the main predictor takes what it can start within 120 ms.
+    burst = await asyncio.gather(*(b.predict([item(f"burst{k}", text="x" * (k + 1))]) for k in range(12)))
+    by = [r[0].predictor for r in burst]
+    assert len(burst) == 12 and all(len(r) == 1 for r in burst)
+    assert [r[0].predicted_tokens for r in burst] == [float(k + 1) for k in range(12)]  # each its own
+    assert 0 < by.count("slow@0") <= 4 and by.count("fast@0") == b.shed == 12 - by.count("slow@0")
+    assert max(len(batch) for batch in slow.batches) <= 2  # no batch longer than the wait allows
+    # Once the burst is over, calls go to the main predictor again.
+    (after,) = await b.predict([item("after")])
+    assert after.predictor == "slow@0"
+
+
+async def test_batcher_without_overflow_never_sheds() -> None:
+    slow = SleepyPredictor("slow", 0.02)
+    b = MicroBatcher(slow, executor=ThreadPoolExecutor(1), max_wait_ms=1.0)
+    await b.predict([item("warm")])
+    burst = await asyncio.gather(*(b.predict([item(f"k{k}")]) for k in range(6)))
+    assert all(r[0].predictor == "slow@0" for r in burst) and b.shed == 0

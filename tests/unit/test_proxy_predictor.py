@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from services.common.schemas import PredictItem
+from services.predictor.artifacts import MINILM_ARTIFACT_DIR
 from services.predictor.base import length_class
 from services.predictor.data import (
     MAX_TOKENS,
@@ -136,9 +137,12 @@ def test_length_groups_cover_every_item_once() -> None:
 # -- the shipped artifact ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shipped() -> ProxyLengthPredictor:
-    return ProxyLengthPredictor.load()
+SHIPPED = {"default": DEFAULT_ARTIFACT, "minilm": MINILM_ARTIFACT_DIR}
+
+
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def shipped(request: pytest.FixtureRequest) -> ProxyLengthPredictor:
+    return ProxyLengthPredictor.load(SHIPPED[request.param])
 
 
 def _items(model: str, texts: list[str]) -> list[PredictItem]:
@@ -153,12 +157,18 @@ TEXTS = [
 ]
 
 
-def test_shipped_artifact_is_small_and_complete() -> None:
-    files = list(DEFAULT_ARTIFACT.iterdir())
+@pytest.mark.parametrize("folder", sorted(SHIPPED.values()))
+def test_shipped_artifact_is_small_and_complete(folder: Path) -> None:
+    files = list(folder.iterdir())
     assert sum(f.stat().st_size for f in files if f.is_file()) <= 5 * 1024 * 1024
-    assert (DEFAULT_ARTIFACT / "metadata.json").is_file() and (
-        DEFAULT_ARTIFACT / "proxy.safetensors"
-    ).is_file()
+    assert (folder / "metadata.json").is_file() and (folder / "proxy.safetensors").is_file()
+
+
+def test_the_default_artifact_reads_the_served_llm_and_the_other_minilm() -> None:
+    assert json.loads((DEFAULT_ARTIFACT / "metadata.json").read_text())["net"]["encoder"] == "smollm2"
+    assert json.loads((MINILM_ARTIFACT_DIR / "metadata.json").read_text())["net"].get(
+        "encoder", "minilm"
+    ) == ("minilm")
 
 
 def test_shipped_artifact_predicts_a_batch(shipped: ProxyLengthPredictor) -> None:
@@ -169,14 +179,19 @@ def test_shipped_artifact_predicts_a_batch(shipped: ProxyLengthPredictor) -> Non
     for p in preds:
         assert 0 <= p.length_class < k
         assert p.predicted_tokens > 0
-        assert p.predictor == shipped.ident == f"proxy-minilm@{shipped.metadata['version']}"
+        assert p.predictor == shipped.ident == f"{shipped.name}@{shipped.metadata['version']}"
+        assert shipped.name in ("proxy-minilm", "proxy-smollm2")
         # predicted_tokens sits inside its own class.
         assert length_class(p.predicted_tokens, shipped.edges_tokens) == p.length_class
     assert shipped.predict(_items(model, TEXTS)) == preds  # deterministic
     alone = [shipped.predict(_items(model, [t]))[0] for t in TEXTS]
-    # int8 activations are quantized with one scale per forward pass, so a score moves a little with its
-    # batch neighbours; the full-precision encoder is exactly batch-invariant, and int8 stays near it.
-    exact = ProxyLengthPredictor.load(quantize=False)
+    # int8 activations are quantized with one scale per forward pass (bfloat16 rounds by shape), so a
+    # score moves a little with its batch neighbours; the float32 encoder is batch-invariant (right
+    # padding: a causal LM's last real token never sees the pads), and the served one stays near it.
+    exact = ProxyLengthPredictor.load(
+        SHIPPED["minilm" if not shipped.net.frozen else "default"], quantize=False
+    )
+    exact.net.encoder.float()
     exact_batch = exact.predict(_items(model, TEXTS))
     exact_alone = [exact.predict(_items(model, [t]))[0] for t in TEXTS]
     for a, b, e, ea in zip(alone, preds, exact_batch, exact_alone, strict=True):
@@ -355,3 +370,90 @@ def test_fast_encoder_matches_hf_bert_on_padded_batches() -> None:
     valid = mask.bool()
     assert torch.allclose(got[valid], ref[valid], atol=1e-4)
     assert torch.allclose(alone[0], ref[0, : len(seqs[0])], atol=1e-4)  # no mask path
+
+
+# -- the LM encoder (the served LLM's own first layers) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> object:
+    from services.predictor.proxy import default_encoder_dir, load_tokenizer
+
+    return load_tokenizer(default_encoder_dir("smollm2"))
+
+
+def test_lm_prompt_tokens_are_what_the_worker_feeds_the_model(smollm2_tokenizer: object) -> None:
+    from services.predictor.lm_encoder import lm_token_sequences
+    from services.worker.models import chat_prompt_ids
+
+    texts = ["What is the capital of France?", " leading space", "Line\nbreak and émoji 🎉", ""]
+    got = lm_token_sequences(smollm2_tokenizer, texts, 128, 126)
+    assert got == [chat_prompt_ids(smollm2_tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    # A long prompt keeps its head and tail tokens inside the template's frame.
+    long = " ".join(f"w{i}" for i in range(2000))
+    (cut,) = lm_token_sequences(smollm2_tokenizer, [long], 10, 5)
+    full = chat_prompt_ids(smollm2_tokenizer, [{"role": "user", "content": long}])
+    frame = len(got[3])  # the empty prompt is the frame alone
+    assert len(cut) == frame + 15
+    assert cut[-6:] == full[-6:] and cut[:30] == full[:30]
+
+
+def test_tiny_lm_encoder_training_run_writes_a_loadable_artifact(tmp_path: Path) -> None:
+    from services.predictor.train import train
+
+    data_dir, col = _synthetic_data_dir(tmp_path)
+    out = tmp_path / "lm-artifact"
+    with pytest.raises(ValueError, match="bfloat16"):
+        train(data_dir, out, collected=[col], encoder="smollm2", layers=2, int8=True, progress=False)
+    meta = train(
+        data_dir, out, collected=[col], encoder="smollm2", layers=2, epochs=30, seed=0, progress=False
+    )
+    assert meta["name"] == "proxy-smollm2" and meta["net"]["encoder"] == "smollm2"
+    assert meta["inference"] == {"int8": False, "dtype": "bfloat16"}
+    assert meta["encoder"]["frozen"] and meta["encoder"]["layers_used"] == 2
+    # Only the head, the model table and the feature statistics are stored: no encoder weights.
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "proxy.safetensors"))
+    assert not any(k.startswith("encoder.") for k in stored) and {"feat_mu", "feat_sd"} <= set(stored)
+    p = ProxyLengthPredictor.load(out)
+    assert p.ident == f"proxy-smollm2@{meta['version']}"
+    long, short = p.log_tokens(_items("big", ["Write a long detailed essay about owls.", "One word: owls?"]))
+    assert float(long) > float(short)
+    with pytest.raises(ValueError, match="bfloat16"):
+        ProxyLengthPredictor.load(out, quantize=True)
+
+
+def test_unknown_encoder_is_rejected(tmp_path: Path) -> None:
+    from services.predictor.proxy import default_encoder_dir
+    from services.predictor.train import train
+
+    with pytest.raises(ValueError, match="encoder"):
+        default_encoder_dir("bert-large")
+    with pytest.raises(ValueError, match="encoder"):
+        train(tmp_path, tmp_path / "x", encoder="bert-large", progress=False)
+
+
+def test_lm_encoder_prefix_cache_changes_nothing_but_the_cost(smollm2_tokenizer: object) -> None:
+    import torch
+
+    from services.predictor.lm_encoder import chat_frame, lm_token_sequences, load_lm_encoder
+    from services.predictor.proxy import default_encoder_dir, pad_sequences
+
+    enc = load_lm_encoder(default_encoder_dir("smollm2"), 2)
+    texts = [*TEXTS, "x"]
+    ids, mask = pad_sequences(lm_token_sequences(smollm2_tokenizer, texts, 128, 126))
+    other = smollm2_tokenizer("no template at all", add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    mixed_ids, mixed_mask = pad_sequences(
+        [*lm_token_sequences(smollm2_tokenizer, texts[:2], 128, 126), other]
+    )
+    with torch.inference_mode():
+        full, mixed_full = enc(ids, mask), enc(mixed_ids, mixed_mask)
+        enc.set_prefix(chat_frame(smollm2_tokenizer)[0])
+        cached, mixed_cached = enc(ids, mask), enc(mixed_ids, mixed_mask)
+        enc.to(torch.bfloat16)  # the cached prefix follows the encoder's dtype
+        half = enc(ids, mask).float()
+    assert torch.allclose(full, cached, atol=1e-3)
+    assert torch.allclose(mixed_full, mixed_cached, atol=1e-3)  # a row without the prefix: no shortcut
+    cos = torch.nn.functional.cosine_similarity(full, half, dim=-1)
+    assert bool((cos > 0.99).all())

@@ -1,1 +1,1 @@
-"""The default proxy length predictor artifact (see services.predictor.train)."""
+"""The shipped proxy predictor artifact: SmolLM2 16-layer encoder (frozen) + head (data only)."""
