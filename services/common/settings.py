@@ -152,6 +152,9 @@ class PredictorSettings(BaseModel):
     # CPU): the shipped MiniLM artifact, the median baseline, or nobody (they wait).
     overflow: Literal["minilm", "median", "none"] = "minilm"
     max_wait_ms: float = Field(default=250.0, gt=0.0)
+    # The proxy model may keep the CPU busy this share of the time; the overflow answers the rest (on a
+    # 2-core box the gateway, scheduler and NATS need the cores more than a better estimate does).
+    max_busy_share: float = Field(default=0.1, gt=0.0, le=1.0)
     # One torch thread: on a shared CPU two threads wait on each other (10-100x slower under load).
     threads: int | None = Field(default=1, ge=1)
     # 0 = opportunistic batching: run at once when idle, batch whatever arrived while busy.
@@ -159,7 +162,7 @@ class PredictorSettings(BaseModel):
     max_batch: int = Field(default=64, ge=1)
     # CPU priority (nice) of the predictor process: its work is off every request's critical path, so
     # where it shares cores with the gateway and scheduler it yields to them. 0 keeps normal priority.
-    nice: int = Field(default=5, ge=0, le=19)
+    nice: int = Field(default=10, ge=0, le=19)
     # Class edges of the median baseline; the proxy model brings its own. By default the shipped
     # artifact's (p25/p50/p75/p99 of its training answers), so both number classes alike.
     edges_tokens: list[int] = Field(default_factory=default_edges_tokens)

@@ -119,6 +119,7 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
         executor=torch_thread if heavy else None,
         overflow=overflow,
         max_wait_ms=settings.predictor.max_wait_ms,
+        max_busy_share=settings.predictor.max_busy_share,
     )
     tasks = TaskSet()
     started = time.time()

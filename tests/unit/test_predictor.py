@@ -234,7 +234,7 @@ async def test_batcher_with_the_median_predictor() -> None:
 
 
 class SleepyPredictor(RecordingPredictor):
-    """A RecordingPredictor that costs a fixed wall time per item (a slow model on a busy CPU)."""
+    """A RecordingPredictor that costs a fixed CPU time per item (a slow model)."""
 
     def __init__(self, name: str, s_per_item: float) -> None:
         super().__init__()
@@ -242,8 +242,10 @@ class SleepyPredictor(RecordingPredictor):
         self.s_per_item = s_per_item
 
     def predict(self, items: Sequence[PredictItem]) -> list[Prediction]:
-        """Sleep, then predict like RecordingPredictor."""
-        time.sleep(self.s_per_item * len(items))
+        """Spin on the CPU, then predict like RecordingPredictor."""
+        end = time.thread_time() + self.s_per_item * len(items)
+        while time.thread_time() < end:
+            pass
         return super().predict(items)
 
 
@@ -271,3 +273,19 @@ async def test_batcher_without_overflow_never_sheds() -> None:
     await b.predict([item("warm")])
     burst = await asyncio.gather(*(b.predict([item(f"k{k}")]) for k in range(6)))
     assert all(r[0].predictor == "slow@0" for r in burst) and b.shed == 0
+
+
+async def test_batcher_keeps_the_main_predictor_within_its_busy_share() -> None:
+    slow, fast = SleepyPredictor("slow", 0.02), SleepyPredictor("fast", 0.0)
+    b = MicroBatcher(
+        slow, executor=ThreadPoolExecutor(1), overflow=fast, max_wait_ms=10_000.0, max_busy_share=0.1
+    )
+    t0 = time.monotonic()
+    out = [(await b.predict([item(f"s{k}")]))[0].predictor for k in range(100)]
+    elapsed = time.monotonic() - t0
+    assert len(out) == 100 and b.shed == out.count("fast@0") > 0
+    # The bucket starts full (1 s) and refills at 10% of the time; one batch may overdraw it.
+    assert out.count("slow@0") * 0.02 <= 1.0 + 0.1 * elapsed + 0.1
+    assert out[0] == "slow@0"  # an idle service answers with the main predictor
+    with pytest.raises(ValueError, match="max_busy_share"):
+        MicroBatcher(slow, max_busy_share=0.0)
