@@ -73,13 +73,16 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
         "--collected", type=Path, nargs="*", help="collect files (default: <cache>/collect/*.jsonl)"
     )
     tr.add_argument(
-        "--out", type=Path, default=PACKAGE_ARTIFACT, help="artifact folder (default: the shipped one)"
+        "--out",
+        type=Path,
+        help="artifact folder (default: that encoder's shipped one, artifacts/default or artifacts/minilm)",
     )
     tr.add_argument(
         "--encoder",
         choices=["minilm", "smollm2"],
-        default="minilm",
-        help="minilm: LoRA-tuned sentence encoder (fast); smollm2: the served LLM's own first layers",
+        default="smollm2",
+        help="smollm2: the served LLM's own first layers (the default artifact); minilm: LoRA-tuned sentence "
+        "encoder (fast)",
     )
     tr.add_argument("--layers", type=int, help="encoder layers kept (default: minilm 4, smollm2 16)")
     tr.add_argument("--classes", type=int, default=5)
@@ -96,9 +99,10 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     ev.add_argument(
         "--compare",
         nargs="*",
-        default=[],
+        default=None,
         metavar="NAME=DIR",
-        help="more artifacts scored and timed side by side, e.g. minilm=services/predictor/artifacts/minilm",
+        help="more artifacts scored and timed side by side (default with the shipped artifact: the shipped "
+        "MiniLM one, as minilm; none: --compare with no value)",
     )
 
 
@@ -506,11 +510,13 @@ def _predictor(args: argparse.Namespace) -> int:
     if collected is None:
         collected = sorted((settings.cache / "collect").glob("*.jsonl"))
     if args.predictor_cmd == "train":
+        from services.predictor.artifacts import MINILM_ARTIFACT_DIR
         from services.predictor.train import train
 
+        out = args.out or (MINILM_ARTIFACT_DIR if args.encoder == "minilm" else PACKAGE_ARTIFACT)
         train(
             args.data,
-            args.out,
+            out,
             collected=collected,
             encoder=args.encoder,
             layers=args.layers,
@@ -522,13 +528,16 @@ def _predictor(args: argparse.Namespace) -> int:
             log=print,
             cache_dir=settings.cache,
         )
-        print(f"artifact written to {args.out}")
+        print(f"artifact written to {out}")
         return 0
     if args.predictor_cmd == "eval":
+        from services.predictor.artifacts import MINILM_ARTIFACT_DIR
         from services.predictor.evaluate import evaluate
 
-        compare = {}
-        for spec in args.compare:
+        compare: dict[str, Path] = {}
+        if args.compare is None:
+            compare = {} if args.artifact is not None else {"minilm": MINILM_ARTIFACT_DIR}
+        for spec in args.compare or []:
             name, sep, folder = spec.partition("=")
             if not sep or not name or not folder:
                 raise SystemExit(f"--compare wants NAME=DIR, got {spec!r}")

@@ -627,10 +627,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         f"Produced {r['created']} on {r['cpu']} ({r.get('cpus', '?')} cores), "
         f"commit `{r['commit']}`, artifact `{r['artifact']['ident']}`, in {r['seconds']} s, by "
-        "`services.predictor.evaluate.evaluate(data_dir, artifact_dir, out_dir, collected=[...])`:",
+        "`muserve predictor eval` (the shipped artifact, compared with the shipped MiniLM one; the "
+        "served model's collected lengths from `~/.cache/muserve/collect/`), which calls:",
         "",
         "```python",
         "from pathlib import Path",
+        "from services.predictor.artifacts import MINILM_ARTIFACT_DIR",
         "from services.predictor.evaluate import evaluate",
         "",
         "evaluate(",
@@ -638,6 +640,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "    None,",
         '    Path("bench/results"),',
         '    collected=[Path("~/.cache/muserve/collect/smollm2-135m-instruct.jsonl").expanduser()],',
+        '    compare={"minilm": MINILM_ARTIFACT_DIR},',
         ")",
         "```",
         "",

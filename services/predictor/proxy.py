@@ -1,11 +1,13 @@
-"""Proxy output-length predictor: a truncated MiniLM encoder, a prompt head and a per-model table.
+"""Proxy output-length predictor: a truncated encoder, a prompt head and a per-model table.
 
-The prompt text (head + tail tokens) goes through the first `layers` layers of the packaged
-all-MiniLM-L6-v2 encoder (LoRA-tuned, merged at load), is mean-pooled and mapped to a small prompt
-vector z. Each target LLM m has a vector u_m and an offset b_m: the predicted log output length is
-z . u_m + b_m, calibrated per model on held-out prompts. The class is the length class of that
-predicted length (the median of the predictive distribution, which minimises the expected class
-distance); predicted_tokens is the model's typical length within that class, updated online.
+The prompt goes through an encoder: the served LLM's own first layers (SmolLM2, frozen, read at the
+last prompt token: services/predictor/lm_encoder.py; the shipped default), or the first `layers`
+layers of the packaged all-MiniLM-L6-v2 (head + tail tokens, LoRA-tuned, merged at load, mean-pooled).
+The pooled features map to a small prompt vector z. Each target LLM m has a vector u_m and an offset
+b_m: the predicted log output length is z . u_m + b_m, calibrated per model on held-out prompts. The
+class is the length class of that predicted length (the median of the predictive distribution, which
+minimises the expected class distance); predicted_tokens is the model's typical length within that
+class, updated online.
 """
 
 from __future__ import annotations

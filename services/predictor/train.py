@@ -1,15 +1,20 @@
 """Train the proxy length predictor and write a versioned artifact.
 
-Retrain the shipped artifact (the defaults reproduce it; about 4 minutes on 2 busy CPU cores)::
+Retrain the shipped artifacts (the defaults reproduce them; `muserve predictor train --encoder ...`)::
 
     from pathlib import Path
     from services.predictor.train import train
-    train(Path("../shared/data"), Path("services/predictor/artifacts/default"),
-          collected=[Path("~/.cache/muserve/collect/smollm2-135m-instruct.jsonl").expanduser()])
+    collected = [Path("~/.cache/muserve/collect/smollm2-135m-instruct.jsonl").expanduser()]
+    train(Path("../shared/data"), Path("services/predictor/artifacts/default"), encoder="smollm2",
+          collected=collected)                                    # ~1 min on 2 cores
+    train(Path("../shared/data"), Path("services/predictor/artifacts/minilm"), encoder="minilm",
+          collected=collected)                                    # ~4 min
 
 What it does: AlpacaEval prompts with every public LLM's answer length (plus the served models'
-collected lengths) are split by prompt 60/20/20 (seeded). The first `layers` MiniLM layers get LoRA
-adapters and, with a small head and one vector + offset per target LLM, learn the log output length
+collected lengths) are split by prompt 60/20/20 (seeded). An encoder reads each prompt: "smollm2" is
+the served LLM's first 16 layers, frozen, read at the last prompt token (its features are computed
+once, so training touches only the head); "minilm" is the packaged MiniLM's first 4 layers with LoRA
+adapters, mean-pooled. A small head and one vector + offset per target LLM learn the log output length
 of every (prompt, model) pair at once: the encoder runs once per prompt, and the ~225 answers per
 prompt give a denoised prompt-level signal. The objective is ListMLE over the prompts of a batch,
 separately per model (ranking is what SSJF consumes), plus a small squared error on log-length;
@@ -18,7 +23,7 @@ prompts is kept; one common scale and each model's offset are then calibrated on
 prompts so that thresholding the predicted length at the class edges gives the classes (the median
 class of the predictive distribution: it minimises the expected class distance). The test prompts
 are never touched (evaluate() reports on them). The artifact stores only what differs from the
-packaged encoder: LoRA factors (fp16), head and model table (fp32), and metadata.
+packaged weights: head and model table (fp32), LoRA factors (fp16) or feature statistics, metadata.
 """
 
 from __future__ import annotations
@@ -376,8 +381,12 @@ def train(
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train_rows) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=max(epochs * steps_per_epoch, 1), pct_start=0.1
+    total_steps = epochs * steps_per_epoch
+    # OneCycle divides by its warm-up length, 0.1 x steps - 1: a tiny run (< 20 steps) keeps lr constant.
+    sched: Any = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.1)
+        if total_steps >= 20
+        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     )
     best_tau, best_epoch, best_state = -math.inf, -1, trainable_state(net)
     history = []

@@ -457,3 +457,27 @@ def test_lm_encoder_prefix_cache_changes_nothing_but_the_cost(smollm2_tokenizer:
     assert torch.allclose(mixed_full, mixed_cached, atol=1e-3)  # a row without the prefix: no shortcut
     cos = torch.nn.functional.cosine_similarity(full, half, dim=-1)
     assert bool((cos > 0.99).all())
+
+
+def test_eval_scores_two_artifacts_side_by_side_and_writes_the_report(tmp_path: Path) -> None:
+    from services.predictor.evaluate import evaluate
+    from services.predictor.train import train
+
+    data_dir, col = _synthetic_data_dir(tmp_path)
+    mini, lm = tmp_path / "mini", tmp_path / "lm"
+    train(data_dir, mini, collected=[col], layers=1, epochs=1, progress=False)
+    train(data_dir, lm, collected=[col], encoder="smollm2", layers=1, epochs=5, progress=False)
+    out = tmp_path / "report"
+    with pytest.raises(ValueError, match="taken"):
+        evaluate(data_dir, mini, out, collected=[col], compare={"median": lm}, latency=False)
+    r = evaluate(data_dir, mini, out, collected=[col], compare={"lm": lm}, latency_threads=(1,))
+    assert {"proxy", "lm", "median", "prompt_length", "frozen_ridge", "oracle"} <= set(r["predictors"])
+    test = r["settings"]["all_models"]["test"]
+    assert {"accuracy", "kendall_tau_per_model"} <= set(test["lm"]) and test["lm"] != test["proxy"]
+    assert r["latency"]["ident"].startswith("proxy-minilm@")
+    assert r["latency_compare"]["lm"]["ident"].startswith("proxy-smollm2@")
+    assert "p50 ms per request at batch 8 <= 5 (lm)" in r["targets"]
+    assert set(r["served_models"]["served"]["test"]) >= {"proxy", "lm", "median"}
+    md = (out / "predictor-eval.md").read_text()
+    assert "| lm |" in md and "### `lm`: proxy-smollm2@" in md
+    assert (out / "predictor-eval.json").is_file() and (out / "predictor-eval.png").stat().st_size > 0
