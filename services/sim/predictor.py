@@ -18,19 +18,18 @@ __all__ = ["DEFAULT_CONFUSION", "ConfusionPredictor", "load_confusion_predictor"
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-# The shipped proxy predictor (proxy-minilm@1.4L-listmle-815e8ba6) on its held-out test prompts, all
-# 226 target LLMs, rows = true class, row-normalised: read off bench/results/predictor-eval.png, and
-# within 0.02 of the matrix `muserve predictor eval` now writes into its JSON (which the simulator
-# prefers when the report has it). Classes are the p25/p50/p75/p99 length buckets; the model
-# never predicts the top (> p99) class. Accuracy 0.469, within-one 0.869 (predictor-eval.md).
+# The shipped proxy predictor (proxy-smollm2@1.smollm2-16L-listmle-fb950697) on its held-out test
+# prompts, all 226 target LLMs, rows = true class, row-normalised: the matrix `muserve predictor eval`
+# writes into bench/results/predictor-eval.json (which the simulator prefers when the report has it).
+# Classes are the p25/p50/p75/p99 length buckets. Accuracy 0.527, within-one 0.916 (predictor-eval.md).
 DEFAULT_CONFUSION = (
-    (0.70, 0.27, 0.02, 0.00, 0.00),
-    (0.29, 0.55, 0.14, 0.02, 0.00),
-    (0.11, 0.44, 0.35, 0.09, 0.00),
-    (0.06, 0.25, 0.35, 0.35, 0.00),
-    (0.13, 0.39, 0.19, 0.28, 0.00),
+    (0.71, 0.27, 0.02, 0.00, 0.00),
+    (0.24, 0.57, 0.16, 0.02, 0.00),
+    (0.06, 0.39, 0.38, 0.17, 0.00),
+    (0.03, 0.15, 0.27, 0.51, 0.05),
+    (0.07, 0.27, 0.25, 0.31, 0.09),
 )
-DEFAULT_CONFUSION_SOURCE = "bench/results/predictor-eval.png: proxy predictor, all models, test split"
+DEFAULT_CONFUSION_SOURCE = "bench/results/predictor-eval.json: proxy predictor, all models, test split"
 
 
 @dataclass(frozen=True)
