@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 
 from services.common.schemas import Prediction, PredictItem
@@ -36,7 +36,6 @@ class MicroBatcher:
         overflow: LengthPredictor | None = None,
         max_wait_ms: float = 250.0,
         max_busy_share: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0.0 < max_busy_share <= 1.0:
             raise ValueError(f"max_busy_share must be in (0, 1], got {max_busy_share}")
@@ -48,10 +47,9 @@ class MicroBatcher:
         self.overflow = overflow
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_busy_share = max_busy_share
-        self._clock = clock
         # Seconds of main-predictor time available now; refills at max_busy_share per second.
         self._budget_s = BUDGET_CAP_S
-        self._budget_at = clock()
+        self._budget_at = time.monotonic()
         self._pending: list[Entry] = []
         self._running = False
         self._s_per_item: float | None = None
@@ -119,7 +117,7 @@ class MicroBatcher:
         """Whether the busy-share budget lets the main predictor run the next batch."""
         if self.overflow is None or self.max_busy_share >= 1.0:
             return True
-        now = self._clock()
+        now = time.monotonic()
         self._budget_s = min(BUDGET_CAP_S, self._budget_s + (now - self._budget_at) * self.max_busy_share)
         self._budget_at = now
         return self._budget_s > 0.0

@@ -45,20 +45,19 @@ class LMLastTokenEncoder(nn.Module):  # type: ignore[misc]  # torch is Any to my
         # transformers renamed past_key_values to cache (5.2x; the old name goes in 5.40).
         params = inspect.signature(body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._prefix: tuple[int, ...] = ()
+        self._prefix = torch.zeros(0, dtype=torch.long)
         self._prefix_kv: tuple[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def set_prefix(self, prefix_ids: Sequence[int]) -> None:
         """Token ids most inputs start with; their keys and values are cached (lazily, per dtype)."""
-        self._prefix = tuple(int(t) for t in prefix_ids)
+        self._prefix = torch.tensor([int(t) for t in prefix_ids], dtype=torch.long)
         self._prefix_kv = None
 
-    def _prefix_cache(self, batch: int) -> DynamicCache | None:
+    def _prefix_cache(self, batch: int) -> DynamicCache:
         dtype = self.body.embed_tokens.weight.dtype
         if self._prefix_kv is None or self._prefix_kv[0] != dtype:
             cache = DynamicCache(config=self.config)
-            ids = torch.tensor([self._prefix], dtype=torch.long)
-            self.body(input_ids=ids, use_cache=True, **{self._cache_kw: cache})
+            self.body(input_ids=self._prefix[None], use_cache=True, **{self._cache_kw: cache})
             self._prefix_kv = (dtype, [(layer.keys, layer.values) for layer in cache.layers])
         out = DynamicCache(config=self.config)
         for layer, (k, v) in zip(out.layers, self._prefix_kv[1], strict=True):
@@ -74,7 +73,7 @@ class LMLastTokenEncoder(nn.Module):  # type: ignore[misc]  # torch is Any to my
             n > 0
             and input_ids.shape[1] > n
             and bool((last >= n).all())
-            and bool((input_ids[:, :n] == torch.tensor(self._prefix)).all())
+            and bool((input_ids[:, :n] == self._prefix).all())
         )
         if shared:
             with torch.no_grad():
@@ -120,16 +119,3 @@ def chat_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
     )
     tokenizer._muserve_chat_frame = frame
     return frame
-
-
-def lm_token_sequences(
-    tokenizer: Any, texts: Sequence[str], head_tokens: int, tail_tokens: int
-) -> list[list[int]]:
-    """Chat-template prefix + each (character-cut) text's head and tail tokens + the assistant header."""
-    before, after = chat_frame(tokenizer)
-    ids = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"] if texts else []
-    budget = head_tokens + tail_tokens
-    return [
-        [*before, *(x if len(x) <= budget else x[:head_tokens] + x[len(x) - tail_tokens :]), *after]
-        for x in ids
-    ]

@@ -41,7 +41,6 @@ from services.predictor.lm_encoder import (
     SMOLLM2_ENCODER,
     LMLastTokenEncoder,
     chat_frame,
-    lm_token_sequences,
     load_lm_encoder,
 )
 from services.worker.models import ensure_smollm2, minilm_path
@@ -233,16 +232,17 @@ def cut_text(text: str, head_chars: int, tail_chars: int) -> str:
 def token_sequences(tokenizer: Any, texts: Sequence[str], cfg: NetConfig) -> list[list[int]]:
     """[CLS] head tokens + tail tokens [SEP] of each text (characters are cut first, so any size is cheap).
 
-    For an LM encoder: the chat template around the head and tail tokens instead.
+    For an LM encoder the frame is the chat template instead: exactly the ids the worker feeds the model.
     """
     cut = [cut_text(t, cfg.head_tokens * CHARS_PER_TOKEN, cfg.tail_tokens * CHARS_PER_TOKEN) for t in texts]
-    if cfg.encoder != MINILM_ENCODER:
-        return lm_token_sequences(tokenizer, cut, cfg.head_tokens, cfg.tail_tokens)
-    ids = tokenizer(cut, add_special_tokens=False, truncation=False)["input_ids"]
+    if cfg.encoder == MINILM_ENCODER:
+        before, after = [int(tokenizer.cls_token_id)], [int(tokenizer.sep_token_id)]
+    else:
+        before, after = chat_frame(tokenizer)
+    ids = tokenizer(cut, add_special_tokens=False, truncation=False)["input_ids"] if cut else []
     budget = cfg.head_tokens + cfg.tail_tokens
-    cls, sep = int(tokenizer.cls_token_id), int(tokenizer.sep_token_id)
     return [
-        [cls, *(x if len(x) <= budget else x[: cfg.head_tokens] + x[len(x) - cfg.tail_tokens :]), sep]
+        [*before, *(x if len(x) <= budget else x[: cfg.head_tokens] + x[len(x) - cfg.tail_tokens :]), *after]
         for x in ids
     ]
 

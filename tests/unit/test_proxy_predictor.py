@@ -383,15 +383,17 @@ def smollm2_tokenizer() -> object:
 
 
 def test_lm_prompt_tokens_are_what_the_worker_feeds_the_model(smollm2_tokenizer: object) -> None:
-    from services.predictor.lm_encoder import lm_token_sequences
+    from services.predictor.proxy import NetConfig, token_sequences
     from services.worker.models import chat_prompt_ids
 
     texts = ["What is the capital of France?", " leading space", "Line\nbreak and émoji 🎉", ""]
-    got = lm_token_sequences(smollm2_tokenizer, texts, 128, 126)
+    got = token_sequences(smollm2_tokenizer, texts, NetConfig(encoder="smollm2"))
     assert got == [chat_prompt_ids(smollm2_tokenizer, [{"role": "user", "content": t}]) for t in texts]
     # A long prompt keeps its head and tail tokens inside the template's frame.
     long = " ".join(f"w{i}" for i in range(2000))
-    (cut,) = lm_token_sequences(smollm2_tokenizer, [long], 10, 5)
+    (cut,) = token_sequences(
+        smollm2_tokenizer, [long], NetConfig(encoder="smollm2", head_tokens=10, tail_tokens=5)
+    )
     full = chat_prompt_ids(smollm2_tokenizer, [{"role": "user", "content": long}])
     frame = len(got[3])  # the empty prompt is the frame alone
     assert len(cut) == frame + 15
@@ -437,16 +439,15 @@ def test_unknown_encoder_is_rejected(tmp_path: Path) -> None:
 def test_lm_encoder_prefix_cache_changes_nothing_but_the_cost(smollm2_tokenizer: object) -> None:
     import torch
 
-    from services.predictor.lm_encoder import chat_frame, lm_token_sequences, load_lm_encoder
-    from services.predictor.proxy import default_encoder_dir, pad_sequences
+    from services.predictor.lm_encoder import chat_frame, load_lm_encoder
+    from services.predictor.proxy import NetConfig, default_encoder_dir, pad_sequences, token_sequences
 
     enc = load_lm_encoder(default_encoder_dir("smollm2"), 2)
     texts = [*TEXTS, "x"]
-    ids, mask = pad_sequences(lm_token_sequences(smollm2_tokenizer, texts, 128, 126))
+    cfg = NetConfig(encoder="smollm2")
+    ids, mask = pad_sequences(token_sequences(smollm2_tokenizer, texts, cfg))
     other = smollm2_tokenizer("no template at all", add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    mixed_ids, mixed_mask = pad_sequences(
-        [*lm_token_sequences(smollm2_tokenizer, texts[:2], 128, 126), other]
-    )
+    mixed_ids, mixed_mask = pad_sequences([*token_sequences(smollm2_tokenizer, texts[:2], cfg), other])
     with torch.inference_mode():
         full, mixed_full = enc(ids, mask), enc(mixed_ids, mixed_mask)
         enc.set_prefix(chat_frame(smollm2_tokenizer)[0])
