@@ -134,12 +134,19 @@ def predict_matrix(
     with torch.inference_mode():
         for start in range(0, len(rows), 64):
             b = torch.as_tensor(rows[start : start + 64])
-            if features is not None:
-                out.append(net.table(net.from_features(features[b])).double().numpy())
-                continue
-            width = int(mask[b].sum(1).max())
-            out.append(net(ids[b, :width], mask[b, :width]).double().numpy())
+            out.append(_forward(net, ids, mask, b, features).double().numpy())
     return np.concatenate(out) if out else np.zeros((0, net.model_b.numel()))
+
+
+def _forward(
+    net: ProxyNet, ids: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, features: torch.Tensor | None
+) -> torch.Tensor:
+    """Log-lengths of prompt rows b: from their cached features, or through the encoder (cut to width)."""
+    if features is not None:
+        return net.table(net.from_features(features[b]))
+    width = int(mask[b].sum(1).max())
+    out: torch.Tensor = net(ids[b, :width], mask[b, :width])
+    return out
 
 
 def encoder_features(
@@ -365,13 +372,6 @@ def train(
             net.feat_mu.copy_(tr_feats.mean(0))
             net.feat_sd.copy_(tr_feats.std(0) + 1e-6)
 
-    def forward_rows(bt: torch.Tensor) -> torch.Tensor:
-        if feats is not None:
-            return net.table(net.from_features(feats[bt]))
-        width = int(mask[bt].sum(1).max())
-        out: torch.Tensor = net(ids[bt, :width], mask[bt, :width])
-        return out
-
     target = torch.tensor(data.matrix(), dtype=torch.float32)
     with torch.no_grad():
         # Start every model at its mean training log-length; the head learns the prompt's deviation.
@@ -399,11 +399,11 @@ def train(
         batches = (
             _bucketed_batches(train_rows, lengths, batch_size, rng)
             if feats is None
-            else [b for b in np.array_split(rng.permutation(train_rows), steps_per_epoch)]
+            else list(np.array_split(rng.permutation(train_rows), steps_per_epoch))
         )
         for b in batches:
             bt = torch.as_tensor(b)
-            loss = _loss(objective, forward_rows(bt), target[bt])
+            loss = _loss(objective, _forward(net, ids, mask, bt, feats), target[bt])
             opt.zero_grad()
             loss.backward()
             opt.step()
