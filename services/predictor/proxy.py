@@ -212,6 +212,20 @@ class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
         """z for a batch of encoded prompts (batch x rank)."""
         return self.from_features(self.features(input_ids, attention_mask))
 
+    def sequence_vectors(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """z for token id sequences of any lengths (batch x rank), in as few encoder calls as padding allows.
+
+        An LM encoder packs them all into one call (no padding); otherwise prompts of similar length
+        share a padded call.
+        """
+        if isinstance(self.encoder, LMLastTokenEncoder):
+            return self.from_features(self.encoder.encode(seqs))
+        z = torch.empty(len(seqs), self.cfg.rank)
+        for group in length_groups([len(s) for s in seqs]):
+            ids, mask = pad_sequences([seqs[i] for i in group])
+            z[torch.tensor(group)] = self.prompt_vectors(ids, mask)
+        return z
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Predicted log-length of every prompt for every model (batch x models)."""
         return self.table(self.prompt_vectors(input_ids, attention_mask))
@@ -466,11 +480,8 @@ class ProxyLengthPredictor(LengthPredictor):
             cols.append(col)
         idx = torch.tensor(cols, dtype=torch.long)
         seqs = token_sequences(self.tokenizer, [it.text for it in items], self.net.cfg)
-        z = torch.empty(len(items), self.net.cfg.rank)
         with torch.inference_mode():
-            for group in length_groups([len(s) for s in seqs]):
-                ids, mask = pad_sequences([seqs[i] for i in group])
-                z[torch.tensor(group)] = self.net.prompt_vectors(ids, mask)
+            z = self.net.sequence_vectors(seqs)
             return (z * self._u[idx]).sum(-1) + self._b[idx]
 
     def log_tokens_matrix(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -478,9 +489,8 @@ class ProxyLengthPredictor(LengthPredictor):
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                ids, mask = encode_texts(self.tokenizer, texts[start : start + batch_size], self.net.cfg)
-                z = self.net.prompt_vectors(ids, mask)
-                out.append(z @ self._u.t() + self._b)
+                seqs = token_sequences(self.tokenizer, texts[start : start + batch_size], self.net.cfg)
+                out.append(self.net.sequence_vectors(seqs) @ self._u.t() + self._b)
         return torch.cat(out) if out else torch.zeros(0, len(self.models) + 1)
 
     def class_tokens(self, model: str, cls: int) -> float:

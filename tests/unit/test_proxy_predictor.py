@@ -460,6 +460,67 @@ def test_lm_encoder_prefix_cache_changes_nothing_but_the_cost(smollm2_tokenizer:
     assert bool((cos > 0.99).all())
 
 
+def test_lm_encoder_matches_transformers_hidden_states_packed_or_alone(smollm2_tokenizer: object) -> None:
+    """The lean packed forward is transformers' Llama forward: same hidden state at each last token."""
+    import torch
+
+    from services.predictor.lm_encoder import ROW_BUCKET, chat_frame, load_lm_encoder
+    from services.predictor.proxy import NetConfig, default_encoder_dir, token_sequences
+    from services.worker.models import load_causal_lm
+
+    folder = default_encoder_dir("smollm2")
+    # One layer more: transformers' last hidden state is after the final norm; layer 2's output is not.
+    ref_model, _ = load_causal_lm(folder, dtype="float32", num_hidden_layers=3)
+    enc = load_lm_encoder(folder, 2)
+    enc.set_prefix(chat_frame(smollm2_tokenizer)[0])
+    seqs = token_sequences(smollm2_tokenizer, [*TEXTS, "x" * 300], NetConfig(encoder="smollm2"))
+    seqs.append(smollm2_tokenizer("no template", add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+    assert sum(len(s) for s in seqs) % ROW_BUCKET != 0  # the bucket padding is exercised
+    with torch.inference_mode():
+        layer_out = [ref_model.model(input_ids=torch.tensor([s]), output_hidden_states=True) for s in seqs]
+        want = torch.stack([out.hidden_states[2][0, -1] for out in layer_out])
+        packed = enc.encode(seqs)
+        alone = torch.cat([enc.encode([s]) for s in seqs])
+    assert torch.allclose(packed, want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(alone, packed, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="empty"):
+        enc.encode([seqs[0], []])
+
+
+def test_lm_encoder_bf16_fused_products_agree_with_plain_ones(
+    smollm2_tokenizer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oneDNN's packed, fused bf16 products (where this CPU has them) give the plain products' result."""
+    import torch
+
+    from services.predictor import lm_encoder
+    from services.predictor.proxy import NetConfig, default_encoder_dir, token_sequences
+
+    enc = lm_encoder.load_lm_encoder(default_encoder_dir("smollm2"), 2)
+    enc.set_prefix(lm_encoder.chat_frame(smollm2_tokenizer)[0])
+    seqs = token_sequences(smollm2_tokenizer, TEXTS, NetConfig(encoder="smollm2"))
+    with torch.inference_mode():
+        full = enc.encode(seqs)
+        enc.to(torch.bfloat16)
+        fused = enc.encode(seqs).float()
+        assert (enc.blocks[0].packed() is not None) == lm_encoder._onednn_ok(torch.bfloat16)
+        monkeypatch.setattr(lm_encoder, "_onednn_ok", lambda dtype: False)
+        assert enc.blocks[0].packed() is None
+        plain = enc.encode(seqs).float()
+    for got in (fused, plain):
+        assert bool((torch.nn.functional.cosine_similarity(full, got, dim=-1) > 0.999).all())
+
+
+def test_lm_encoder_rejects_other_architectures() -> None:
+    from types import SimpleNamespace
+
+    from services.predictor.lm_encoder import LMLastTokenEncoder
+
+    cfg = SimpleNamespace(model_type="gpt2", hidden_act="gelu_new", attention_bias=True)
+    with pytest.raises(ValueError, match="Llama"):
+        LMLastTokenEncoder(SimpleNamespace(config=cfg))
+
+
 def test_eval_scores_two_artifacts_side_by_side_and_writes_the_report(tmp_path: Path) -> None:
     from services.predictor.evaluate import evaluate
     from services.predictor.train import train
