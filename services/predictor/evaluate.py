@@ -552,6 +552,11 @@ def evaluate(
         "data": {
             "hash": data.content_hash(),
             "same_as_training": data.content_hash() == meta["data"]["hash"],
+            "collected_answers": {
+                m: int(np.count_nonzero(data.cols == data.models.index(m)))
+                for m in meta.get("served_models", [])
+                if m in data.models
+            },
             "prompts": {k: len(v) for k, v in rows.items()},
             "models": n_m,
             "split_seed": seed,
@@ -634,8 +639,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         + (
             "Evaluation data is identical to the artifact's training data."
             if r["data"]["same_as_training"]
-            else "Evaluation data differs from the artifact's training data (more collected answers since):"
-            " the test prompts are still unseen."
+            else "Evaluation data differs from the artifact's training data (the served models' collected "
+            f"answers: {r['artifact']['collected_answers'] or 'none'} when trained, "
+            f"{r['data'].get('collected_answers') or 'none'} here): the test prompts are still unseen."
         ),
         "",
         "Predictors: " + "; ".join(f"`{k}` = {v}" for k, v in r["predictors"].items()) + ". "
