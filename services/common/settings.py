@@ -33,11 +33,19 @@ class ModelSpec(BaseModel):
     exec_ms_per_token: float = Field(default=25.0, ge=0.0)
     # Prior for the baseline predictor until real lengths are observed.
     median_tokens: float = Field(default=256.0, gt=0.0)
+    # The name the length predictor is asked about (and learns from) for this model: an LLM it was
+    # trained on whose verbosity this one shares, e.g. a fine-tune served under a new name. None: name.
+    predict_as: str | None = None
 
     @field_validator("name", "group")
     @classmethod
     def _token(cls, v: str) -> str:
         return check_token(v, "model/group name")
+
+    @property
+    def length_model(self) -> str:
+        """The model name the length predictor knows this model by."""
+        return self.predict_as or self.name
 
 
 class GroupSpec(BaseModel):
@@ -256,6 +264,11 @@ class Settings(BaseSettings):
             if m.name == name:
                 return m
         return None
+
+    def length_model(self, name: str) -> str:
+        """The name the length predictor knows a served model by (its predict_as, else its own)."""
+        spec = self.model(name)
+        return name if spec is None else spec.length_model
 
     def models_in(self, group: str) -> list[ModelSpec]:
         """Models served by one group."""

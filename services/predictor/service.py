@@ -36,8 +36,8 @@ MAX_TEXT_CHARS = 16_384
 
 
 def median_baseline(settings: Settings) -> MedianLengthPredictor:
-    """The honest baseline: each model's median observed length."""
-    priors = {m.name: m.median_tokens for m in settings.models}
+    """The honest baseline: each model's median observed length (keyed as the scheduler asks)."""
+    priors = {m.length_model: m.median_tokens for m in settings.models}
     return MedianLengthPredictor(settings.predictor.edges_tokens, priors_tokens=priors)
 
 
@@ -53,7 +53,7 @@ def build_predictor(settings: Settings) -> LengthPredictor:
     except Exception as exc:
         log.warning("proxy predictor unavailable (%s); serving the per-model median baseline instead", exc)
         return median_baseline(settings)
-    served = {m.name for m in settings.models if m.kind == "chat"}
+    served = {m.length_model for m in settings.models if m.kind == "chat"}
     unknown = sorted(served - set(proxy.models))
     if unknown:
         log.warning(
@@ -80,7 +80,7 @@ def build_overflow(settings: Settings, primary: LengthPredictor) -> LengthPredic
 
 def warm_up(predictor: LengthPredictor, settings: Settings) -> None:
     """A few throw-away predictions at the batch sizes and lengths serving will see."""
-    model = next((m.name for m in settings.models if m.kind == "chat"), "warm-up")
+    model = next((m.length_model for m in settings.models if m.kind == "chat"), "warm-up")
     texts = ["Hi.", "Write a long story about a dragon. " * 40, "Explain continuous batching."]
     for n in (1, 3, 8):
         predictor.predict(
@@ -147,9 +147,11 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
         except CodecError:
             return
         if rec.finish_reason in ("stop", "length"):
-            predictor.observe(rec.model, rec.completion_tokens, rec.prediction)
+            # Learn under the name the scheduler asks about (a model's predict_as alias).
+            model = settings.length_model(rec.model)
+            predictor.observe(model, rec.completion_tokens, rec.prediction)
             if overflow is not None:
-                overflow.observe(rec.model, rec.completion_tokens, rec.prediction)
+                overflow.observe(model, rec.completion_tokens, rec.prediction)
 
     def info() -> dict[str, Any]:
         return {
@@ -158,6 +160,8 @@ async def serve(settings: Settings, nc: Client, stop: asyncio.Event) -> None:
             "batches": batcher.batches,
             "items": batcher.items,
             "shed": batcher.shed,
+            # Models asked about that the artifact has no embedding for (they get the average LLM's).
+            "unknown_models": sorted(getattr(predictor, "fallback_models", ())),
             "uptime_s": time.time() - started,
         }
 

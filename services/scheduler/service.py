@@ -385,12 +385,13 @@ class Scheduler:
         return self.fallback.predict([PredictItem(request_id=rid, model=model, text="")])[0]
 
     async def _predict(self, rid: str, model: str, text: str) -> Prediction:
-        """Ask the predictor service; fall back to the local baseline if it is slow or absent."""
+        """Ask the predictor service (about the model's predict_as name); else the local baseline."""
         item = PredictItem(request_id=rid, model=model, text=text)
+        asked = item.model_copy(update={"model": self.settings.length_model(model)})
         try:
             msg = await self.nc.request(
                 subjects.PREDICT,
-                encode(PredictRequest(items=[item])),
+                encode(PredictRequest(items=[asked])),
                 timeout=self.settings.scheduler.predictor_timeout_ms / 1000.0,
                 headers=tracing.inject({}),
             )

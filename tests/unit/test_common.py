@@ -285,6 +285,14 @@ def chat_model(name: str = "m1", group: str = "chat") -> ModelSpec:
     return ModelSpec(name=name, kind="chat", source="smollm2", group=group, max_context_tokens=2048)
 
 
+def test_a_model_can_be_predicted_as_another_llm(clean_env: pytest.MonkeyPatch) -> None:
+    """predict_as: the name the length predictor is asked about (any LLM name, dots included)."""
+    alias = chat_model("vicuna-13b-fcfs").model_copy(update={"predict_as": "vicuna-13b-v1.5"})
+    s = Settings(models=[alias, chat_model("plain")], groups={"chat": GroupSpec()})
+    assert s.length_model("vicuna-13b-fcfs") == "vicuna-13b-v1.5"
+    assert s.length_model("plain") == "plain" and s.length_model("not-served") == "not-served"
+
+
 def test_default_settings_are_consistent(clean_env: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert s.nats_url == "nats://127.0.0.1:14222"
