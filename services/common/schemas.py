@@ -148,6 +148,8 @@ class Usage(BaseModel):
     exec_ms: float | None = None
     length_class: int | None = None
     predicted_tokens: float | None = None
+    # The continuous estimate SSJF ordered by, when the predictor gave one.
+    score_tokens: float | None = None
     predictor: str | None = None
     energy_j: float | None = None
     energy_simulated: bool | None = None

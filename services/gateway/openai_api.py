@@ -163,6 +163,7 @@ def usage_json(u: Usage | None, e2e_ms: float | None = None) -> dict[str, Any]:
         "exec_ms": _r(u.exec_ms),
         "length_class": u.length_class,
         "predicted_tokens": _r(u.predicted_tokens),
+        "score_tokens": _r(u.score_tokens),
         "predictor": u.predictor,
         "energy_j": None if u.energy_j is None else round(u.energy_j, 6),
         "energy_simulated": u.energy_simulated,

@@ -446,6 +446,7 @@ class Worker:
             exec_ms=(now - act.received_s) * 1000.0,
             length_class=pred.length_class if pred else None,
             predicted_tokens=pred.predicted_tokens if pred else None,
+            score_tokens=pred.score_tokens if pred else None,
             predictor=pred.predictor if pred else None,
             energy_j=act.energy_j if simulated is not None else None,
             energy_simulated=simulated,

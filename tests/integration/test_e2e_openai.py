@@ -34,6 +34,7 @@ def test_chat_non_stream_reports_usage_and_muserve_fields(client: OpenAI) -> Non
     extra = u.model_extra or {}
     assert extra["queue_ms"] >= 0 and extra["ttft_ms"] > 0 and extra["length_class"] in range(5)
     assert extra["predictor"].startswith("proxy-smollm2@")  # the shipped trained predictor, not a fallback
+    assert extra["score_tokens"] > 0  # its continuous estimate, which SSJF orders by
     assert extra["energy_j"] > 0 and extra["energy_simulated"] is True
 
 

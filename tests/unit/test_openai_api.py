@@ -191,6 +191,7 @@ def test_usage_json_includes_muserve_fields() -> None:
         exec_ms=300.5,
         length_class=1,
         predicted_tokens=120.0,
+        score_tokens=97.25,
         predictor="per-model-median@1",
         energy_j=1.23456789,
         energy_simulated=True,
@@ -207,6 +208,7 @@ def test_usage_json_includes_muserve_fields() -> None:
         "per-model-median@1",
     )
     assert (out["worker_id"], out["attempt"]) == ("w1", 2)
+    assert out["score_tokens"] == 97.25  # the continuous estimate SSJF ordered by
 
 
 def test_usage_json_without_usage_or_timings() -> None:
