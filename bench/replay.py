@@ -3,9 +3,17 @@
 Prompts are AlpacaEval's held-out test prompts (never seen by the predictor's training); each request
 asks for exactly the true output length of a chosen LLM on that prompt (`ignore_eos` + `max_tokens`, as
 serving benchmarks replay traces), so the scheduler sees the prompt and must predict the length. The
-worker runs SmolLM2 (optionally cut to fewer layers, so a full run fits in minutes) under that LLM's
-name, so the predictor uses that LLM's verbosity. Arrivals come from the Azure LLM inference trace
-(burstiness kept, rate rescaled to a load factor of the measured capacity), or Poisson / Gamma.
+workers run SmolLM2 (optionally cut to fewer layers, so a full run fits in minutes) as models that
+are predicted as that LLM (`predict_as`), so the predictor uses its verbosity. Arrivals come from the
+Azure LLM inference trace (burstiness kept, rate rescaled to a load factor of the measured capacity),
+or Poisson / Gamma.
+
+By default the policies run simultaneously: each has its own queue (a model group) and its own worker,
+all in one cluster, and every arrival is sent to all of them at once. On a shared machine whose speed
+drifts by tens of percent from minute to minute, that makes the drift hit every policy alike; run one
+after the other (`mode="sequential"`), the policy that happened to run in a slow minute lost, at load
+0.9 by more than any queue order changes. The work-conserving policies keep their workers equally busy
+(the same work arrives, and a worker idles only when its queue is empty), so sharing the cores is fair.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from services.common import subjects
 from services.launcher import Cluster, ServiceSpec, free_port
 
 POLICIES = ("fcfs", "ssjf", "oracle")
+MODES = ("simultaneous", "sequential")
 TRACES = {"azure-conv": "AzureLLMInferenceTrace_conv.csv", "azure-code": "AzureLLMInferenceTrace_code.csv"}
 
 
@@ -58,6 +67,8 @@ class Outcome:
     queue_ms: float | None = None
     length_class: int | None = None
     predicted_tokens: float | None = None
+    score_tokens: float | None = None  # the continuous estimate SSJF orders by
+    predictor: str | None = None  # who predicted: the proxy model, its overflow or a median baseline
     error: str | None = None
 
 
@@ -131,28 +142,53 @@ async def _one(
         queue_ms=u.get("queue_ms"),
         length_class=u.get("length_class"),
         predicted_tokens=u.get("predicted_tokens"),
+        score_tokens=u.get("score_tokens"),
+        predictor=u.get("predictor"),
         error=got.error,
     )
 
 
 async def _replay(
-    url: str, nats_url: str, model: str, group: str, workload: list[ReplayRequest]
-) -> PolicyRun:
+    url: str, nats_url: str, stack: dict[str, str], workload: list[ReplayRequest]
+) -> list[PolicyRun]:
+    """Every request of the workload to each policy's model (policy -> model) at its arrival time."""
     nc = await nats.connect(nats_url)
-    depth: list[tuple[float, int]] = []
+    depth: dict[str, list[tuple[float, int]]] = {p: [] for p in stack}
     t0 = time.perf_counter()
 
-    async def on_queue(msg: Any) -> None:
-        tel = msgpack.unpackb(msg.data)
-        depth.append((time.perf_counter() - t0, int(tel["depth"])))
+    def on_queue(policy: str) -> Any:
+        async def cb(msg: Any) -> None:
+            depth[policy].append((time.perf_counter() - t0, int(msgpack.unpackb(msg.data)["depth"])))
 
-    await nc.subscribe(subjects.queue_telemetry(group), cb=on_queue)
+        return cb
+
+    for policy in stack:
+        await nc.subscribe(subjects.queue_telemetry(_group(policy)), cb=on_queue(policy))
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024)) as session:
-        outcomes = await asyncio.gather(*(_one(session, url, model, r, t0) for r in workload))
+        outcomes = await asyncio.gather(
+            *(_one(session, url, model, r, t0) for model in stack.values() for r in workload)
+        )
     wall = time.perf_counter() - t0
     await nc.close()
-    return PolicyRun(policy="", outcomes=list(outcomes), depth=depth, wall_s=wall)
+    n = len(workload)
+    return [
+        PolicyRun(policy=p, outcomes=list(outcomes[i * n : (i + 1) * n]), depth=depth[p], wall_s=wall)
+        for i, p in enumerate(stack)
+    ]
+
+
+async def _status(nats_url: str, service: str) -> dict[str, Any]:
+    """A service's discovery status (its JSON info), or {} when it does not answer."""
+    nc = await nats.connect(nats_url)
+    try:
+        msg = await nc.request(subjects.status(service), b"", timeout=5.0)
+        out: dict[str, Any] = json.loads(msg.data)
+        return out
+    except Exception:
+        return {}
+    finally:
+        await nc.close()
 
 
 def saturated_tokens_per_s(burst: list[Outcome], slots: int) -> float:
@@ -178,42 +214,70 @@ def saturated_tokens_per_s(burst: list[Outcome], slots: int) -> float:
 
 
 async def _calibrate(
-    url: str, model: str, mix: list[tuple[int, str, int]], solo_tokens: int, slots: int
+    url: str, models: list[str], mix: list[tuple[int, str, int]], solo_tokens: int, slots: int
 ) -> dict[str, float]:
-    """Saturated throughput on the workload's own mix, streamed exactly like the replay (every slot busy,
-    a queue behind: per-token chunks cost CPU on this machine too), and one request's time alone (SLO)."""
+    """Saturated throughput per model on the workload's own mix, all models at once as they will replay
+    (every slot busy, a queue behind; streamed like the replay: per-token chunks cost CPU here too), and
+    one request's time alone (the SLO's base)."""
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024)) as session:
-        await _one(session, url, model, ReplayRequest(-1, "Warm up.", 16, 0.0), time.perf_counter())
+        for model in models:
+            await _one(session, url, model, ReplayRequest(-1, "Warm up.", 16, 0.0), time.perf_counter())
         solo = await _one(
-            session, url, model, ReplayRequest(-1, "Calibrate.", solo_tokens, 0.0), time.perf_counter()
+            session, url, models[0], ReplayRequest(-1, "Calibrate.", solo_tokens, 0.0), time.perf_counter()
         )
         t = time.perf_counter()
         runs = await asyncio.gather(
-            *(_one(session, url, model, ReplayRequest(i, p, n, 0.0), t) for i, p, n in mix)
+            *(_one(session, url, m, ReplayRequest(i, p, n, 0.0), t) for m in models for i, p, n in mix)
         )
         busy_s = time.perf_counter() - t
     failed = [o for o in [solo, *runs] if o.error is not None]
     if failed:
         raise RuntimeError(f"calibration failed: {failed[0].error}")
+    per_model = [runs[k * len(mix) : (k + 1) * len(mix)] for k in range(len(models))]
     return {
-        "tokens_per_s_full": saturated_tokens_per_s(runs, slots),
+        "tokens_per_s_full": statistics.fmean(saturated_tokens_per_s(r, slots) for r in per_model),
         "tokens_per_s_burst": sum(n for _, _, n in mix) / busy_s,
         "calibration_requests": float(len(mix)),
+        "calibrated_models": float(len(models)),
         "solo_ttft_ms": solo.ttft_ms,
         "solo_ms_per_token": (solo.jct_ms - solo.ttft_ms) / max(solo_tokens - 1, 1),
     }
 
 
-def _cluster(tmp: Path, env: dict[str, str]) -> tuple[Cluster, str]:
+def _group(policy: str) -> str:
+    return f"chat-{policy}"
+
+
+def stacks(policies: tuple[str, ...], mode: str, repeats: int) -> list[tuple[int, tuple[str, ...]]]:
+    """(pass, policies run together) in order: all at once per pass, or one at a time (ABC CBA ...)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode == "simultaneous":
+        return [(k, policies) for k in range(repeats)]
+    return [
+        (k, (p,)) for k in range(repeats) for p in (policies if k % 2 == 0 else tuple(reversed(policies)))
+    ]
+
+
+def _cluster(tmp: Path, env: dict[str, str], models: list[str]) -> tuple[Cluster, str]:
+    """Scheduler, predictor, gateway, powerd and one worker (on its own simulated GPU) per model."""
     port = free_port()
-    env = {**env, "MUSERVE_GATEWAY__PORT": str(port), "MUSERVE_DATA_DIR": str(tmp)}
+    env = {
+        **env,
+        "MUSERVE_GATEWAY__PORT": str(port),
+        "MUSERVE_DATA_DIR": str(tmp),
+        "MUSERVE_POWERD__GPUS": str(len(models)),
+    }
     specs = [
         ServiceSpec("scheduler"),
         ServiceSpec("predictor"),
         ServiceSpec("gateway"),
         ServiceSpec("powerd"),
-        ServiceSpec("worker", env={"MUSERVE_WORKER__GPU": "0"}),
+    ]
+    specs += [
+        ServiceSpec("worker", env={"MUSERVE_WORKER__GPU": str(i), "MUSERVE_WORKER__MODEL": m})
+        for i, m in enumerate(models)
     ]
     cluster = Cluster(env, data_dir=tmp, log_dir=tmp / "logs", echo=lambda s: None)
     cluster.start(specs)
@@ -240,6 +304,23 @@ def policy_ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
         "ssjf_oracle_mean": summary["ssjf"]["jct_mean_ms"] / summary["oracle"]["jct_mean_ms"],
         "ssjf_fcfs_p99": summary["ssjf"]["jct_p99_ms"] / summary["fcfs"]["jct_p99_ms"],
     }
+
+
+def rank_quality(outcomes: list[Outcome]) -> dict[str, Any]:
+    """How well the estimates SSJF ordered by ranked the true lengths (Kendall tau), and who made them."""
+    from services.predictor.evaluate import kendall_tau_b
+
+    pairs: list[tuple[float, int]] = []
+    for o in outcomes:
+        estimate = o.score_tokens if o.score_tokens is not None else o.predicted_tokens
+        if o.error is None and estimate is not None:
+            pairs.append((estimate, o.tokens))
+    by: dict[str, int] = {}
+    for o in outcomes:
+        name = (o.predictor or "none").split("@")[0]
+        by[name] = by.get(name, 0) + 1
+    tau = kendall_tau_b([s for s, _ in pairs], [t for _, t in pairs]) if len(pairs) > 1 else math.nan
+    return {"rank_tau": tau, "predictors": dict(sorted(by.items()))}
 
 
 def summarize(run: PolicyRun, slo: dict[str, float], slo_scale: float) -> dict[str, Any]:
@@ -272,6 +353,7 @@ def summarize(run: PolicyRun, slo: dict[str, float], slo_scale: float) -> dict[s
         "slo_attainment": met / len(run.outcomes) if run.outcomes else math.nan,
         "max_depth": max((d for _, d in run.depth), default=0),
         "decode_ms_per_token": ms_per_token,
+        **rank_quality(run.outcomes),
     }
 
 
@@ -306,6 +388,27 @@ def plot(runs: list[PolicyRun], path: Path) -> None:
     plt.close(fig)
 
 
+def _mode_note(mode: str, repeats: int) -> str:
+    if mode == "simultaneous":
+        return (
+            "The policies ran simultaneously, each with its own queue and worker on the same arrivals (every "
+            "request sent to all of them at once), so the shared machine's speed drifts alike under each; "
+            f"{repeats} pass(es)."
+        )
+    return f"The policies ran one after the other, {repeats} pass(es) (order reversed every other pass)."
+
+
+def _predictor_note(status: list[dict[str, Any]]) -> str:
+    """How many predictions the proxy model made and how many its cheaper overflow answered."""
+    shed = sum(int(s.get("shed", 0)) for s in status)
+    total = shed + sum(int(s.get("items", 0)) for s in status)
+    if not total:
+        return ""
+    unknown = sorted({m for s in status for m in s.get("unknown_models", [])})
+    note = f" ({total} predictions, {shed} of them by the cheaper overflow predictor under load"
+    return note + (f"; not trained for {', '.join(unknown)}" if unknown else "") + ")"
+
+
 def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
     """The report."""
     f, s, o = (summary.get(p, {}) for p in POLICIES)
@@ -324,8 +427,10 @@ def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
         f"{meta['calibration']['tokens_per_s_full']:.0f} tokens/s, measured streaming "
         f"{meta['calibration']['calibration_requests']:.0f} other test prompts of the same mix at once, "
         "counted while every slot was busy, i.e. without the burst's drain tail, / mean length).",
-        f"Worker: SmolLM2-135M-Instruct, {meta['worker']}. Predictor: {meta['predictor']}. "
+        f"Worker: SmolLM2-135M-Instruct, {meta['worker']}. Predictor: {meta['predictor']}"
+        f"{_predictor_note(meta.get('predictor_status', []))}. "
         "GPU clock fixed at max (simulated V100, `max-clock`): only the queue order differs between runs.",
+        _mode_note(meta.get("mode", "sequential"), meta.get("repeats", 1)),
         f"SSJF and oracle promote a request that waited {meta['aging_factor']:g} x its predicted exec time. "
         f"SLO per request: JCT <= {meta['slo_scale']:g} x (solo TTFT + tokens x solo time per token) = "
         f"{meta['slo_scale']:g} x ({meta['calibration']['solo_ttft_ms']:.0f} ms + tokens x "
@@ -356,6 +461,15 @@ def markdown(meta: dict[str, Any], summary: dict[str, dict[str, Any]]) -> str:
             f"SSJF / oracle mean JCT = {ratios['ssjf_oracle_mean']:.2f} (target <= 1.15); "
             f"SSJF / FCFS p99 JCT = {ratios['ssjf_fcfs_p99']:.2f} (target <= 1.20).",
         ]
+        if "rank_tau" in s:
+            lines += [
+                "",
+                f"SSJF's estimates ranked the true lengths with Kendall tau {s['rank_tau']:.2f}; "
+                "predicted by "
+                + ", ".join(f"{k} {v}" for k, v in s["predictors"].items())
+                + " (requests; the overflow answers when the proxy model is busy, a median baseline when "
+                "the prediction came after dispatch or not at all).",
+            ]
         passes = [r for r in meta.get("ratios_per_pass", []) if r]
         if len(passes) > 1:
             lines += [
@@ -393,6 +507,7 @@ def run_replay(
     layers: int | None = 4,
     aging_factor: float = 6.0,
     policies: tuple[str, ...] = POLICIES,
+    mode: str = "simultaneous",
     slo_scale: float = 5.0,
     seed: int = 0,
     repeats: int = 1,
@@ -402,65 +517,95 @@ def run_replay(
 ) -> dict[str, Any]:
     """Calibrate, replay the same workload under each policy, write replay.{json,md,png}.
 
-    repeats > 1 replays it again, the policy order reversed every other pass (ABC CBA ...) so that a
-    machine drifting slower or faster over the run hits every policy alike; figures pool the passes.
+    mode "simultaneous" replays every policy at once (one worker each); "sequential" one after the
+    other, and then repeats > 1 reverses the order every other pass (ABC CBA ...). Figures pool passes.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not policies or len(set(policies)) != len(policies) or not set(policies) <= set(POLICIES):
+        raise ValueError(f"policies must be distinct names from {', '.join(POLICIES)}, got {policies}")
+    schedule = stacks(policies, mode, repeats)
     load_before = wait_idle(timeout_s=idle_timeout_s, echo=echo)
-    name = lengths_model.replace(".", "-")
+    name = "".join(c if c.isalnum() or c in "_-" else "-" for c in lengths_model)  # a subject token
     pool = test_prompts_with_lengths(data_dir, lengths_model, seed, max_len)
     rng = random.Random(seed)
     chosen = rng.sample(pool, min(requests, len(pool)))
+    # One model (queue + worker) per policy; the predictor is asked about the replayed LLM.
+    model_of = {p: f"{name}-{p}" for p in policies}
     env = {
         "MUSERVE_LOG_LEVEL": "WARNING",
         "MUSERVE_WORKER__MAX_SEQS": str(max_seqs),
+        # A benchmark measures slow answers rather than cutting them off (at load 0.9 a wait can be long).
+        "MUSERVE_GATEWAY__REQUEST_TIMEOUT_S": "3600",
         "MUSERVE_POWERD__POLICY": "max-clock",
         "MUSERVE_MODELS": json.dumps(
-            [{"name": name, "kind": "chat", "source": "smollm2", "group": "chat", "max_context_tokens": 8192}]
+            [
+                {
+                    "name": model_of[p],
+                    "kind": "chat",
+                    "source": "smollm2",
+                    "group": _group(p),
+                    "max_context_tokens": 8192,
+                    "predict_as": lengths_model,
+                }
+                for p in policies
+            ]
         ),
-        "MUSERVE_WORKER__MODEL": name,
+        "MUSERVE_GROUPS": json.dumps(
+            {_group(p): {"policy": p, "max_queue": 100_000, "aging_factor": aging_factor} for p in policies}
+        ),
     }
     if layers:
         env["MUSERVE_WORKER__NUM_HIDDEN_LAYERS"] = str(layers)
+    if mode == "simultaneous" and len(policies) > 1:
+        # Workers sharing the cores run one torch thread each: two threads per worker wait on each other
+        # (OpenMP barriers) whenever another process holds a core, and slow down many times over.
+        env["MUSERVE_WORKER__THREADS"] = "1"
     runs: list[PolicyRun] = []
+    predictor_status: list[dict[str, Any]] = []
     calibration: dict[str, float] = {}
     capacity_rps = 0.0
     workload: list[ReplayRequest] = []
-    schedule = [
-        (k, policy)
-        for k in range(repeats)
-        for policy in (policies if k % 2 == 0 else tuple(reversed(policies)))
-    ]
-    for k, policy in schedule:
-        groups = {
-            "chat": {"policy": policy, "max_queue": 100_000, "aging_factor": aging_factor},
-            "embed": {"policy": "fcfs"},
-        }
-        tmp = Path(tempfile.mkdtemp(prefix=f"muserve-replay-{policy}-"))
-        cluster, url = _cluster(tmp, {**env, "MUSERVE_GROUPS": json.dumps(groups)})
+    for k, stack in schedule:
+        models = [model_of[p] for p in stack]
+        tmp = Path(tempfile.mkdtemp(prefix=f"muserve-replay-{'-'.join(stack)}-"))
+        cluster, url = _cluster(tmp, env, models)
         try:
-            cluster.wait_ready(url, [name], timeout_s=300)
+            cluster.wait_ready(url, models, timeout_s=300)
             if not workload:
                 mean_tokens = statistics.fmean(t for _, _, t in chosen)
                 # Calibrate on other test prompts with the same length mix (not the replayed ones).
                 rest = [x for x in pool if x not in chosen] or chosen
                 mix = random.Random(seed + 1).sample(rest, min(10 * max_seqs, len(rest)))
-                calibration = asyncio.run(_calibrate(url, name, mix, round(mean_tokens), max_seqs))
+                calibration = asyncio.run(_calibrate(url, models, mix, round(mean_tokens), max_seqs))
                 capacity_rps = calibration["tokens_per_s_full"] / mean_tokens
                 times = arrival_offsets(arrivals, len(chosen), load * capacity_rps, seed, data_dir)
                 workload = [ReplayRequest(i, p, t, a) for (i, p, t), a in zip(chosen, times, strict=True)]
                 echo(
-                    f"capacity {capacity_rps:.3f} req/s; replaying {len(workload)} requests over "
+                    f"capacity {capacity_rps:.3f} req/s per policy; replaying {len(workload)} requests over "
                     f"{workload[-1].arrival_s:.0f} s at load {load}"
                 )
-            echo(f"policy {policy} ..." if repeats == 1 else f"pass {k + 1}/{repeats}: policy {policy} ...")
-            run = asyncio.run(_replay(url, cluster.nats_url or "", name, "chat", workload))
-            run.policy = policy
-            run.round = k
-            runs.append(run)
-            done = [o.jct_ms for o in run.outcomes if o.error is None]
-            echo(f"  {policy}: mean JCT {statistics.fmean(done) / 1000:.2f} s" if done else "  all failed")
+            label = " + ".join(stack)
+            echo(f"pass {k + 1}/{repeats}: {label} ..." if repeats > 1 else f"{label} ...")
+            stack_runs = asyncio.run(
+                _replay(url, cluster.nats_url or "", {p: model_of[p] for p in stack}, workload)
+            )
+            predictor_status.append(
+                {
+                    "pass": k,
+                    "policies": list(stack),
+                    **asyncio.run(_status(cluster.nats_url or "", "predictor")),
+                }
+            )
+            for run in stack_runs:
+                run.round = k
+                runs.append(run)
+                done = [o.jct_ms for o in run.outcomes if o.error is None]
+                echo(
+                    f"  {run.policy}: mean JCT {statistics.fmean(done) / 1000:.2f} s"
+                    if done
+                    else "  all failed"
+                )
         finally:
             cluster.stop()
     summary = {
@@ -482,15 +627,22 @@ def run_replay(
         "mean_tokens": statistics.fmean(r.tokens for r in workload),
         "arrivals": arrivals,
         "load": load,
+        "mode": mode,
         "capacity_rps": capacity_rps,
         "calibration": calibration,
         "slo_scale": slo_scale,
         "ratios": ratios,
         "repeats": repeats,
         "ratios_per_pass": per_pass,
-        "worker": f"max_seqs {max_seqs}, {layers or 30} of 30 layers, bf16",
+        "worker": f"max_seqs {max_seqs}, {layers or 30} of 30 layers, bf16, one per policy"
+        + (
+            f", {env['MUSERVE_WORKER__THREADS']} torch thread each"
+            if "MUSERVE_WORKER__THREADS" in env
+            else ""
+        ),
         "aging_factor": aging_factor,
         "predictor": "the shipped proxy artifact (SSJF orders by its continuous estimate)",
+        "predictor_status": predictor_status,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(

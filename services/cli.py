@@ -182,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-seqs", type=int, default=2, help="worker batch slots (a capped batch)")
     rp.add_argument("--layers", type=int, default=4, help="SmolLM2 layers kept (30 = full model)")
     rp.add_argument("--aging-factor", type=float, default=6.0, help="promote after this x predicted exec")
-    rp.add_argument("--repeats", type=int, default=1, help="passes over the policies (ABC CBA ...), pooled")
+    rp.add_argument("--repeats", type=int, default=1, help="passes over the policies, pooled")
     rp.add_argument("--policies", default="fcfs,ssjf,oracle")
+    rp.add_argument(
+        "--mode",
+        choices=("simultaneous", "sequential"),
+        default="simultaneous",
+        help="policies at once (a worker each: the machine's drift hits all alike) or one after the other",
+    )
     rp.add_argument("--slo-scale", type=float, default=5.0)
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
@@ -437,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             aging_factor=args.aging_factor,
             repeats=args.repeats,
+            mode=args.mode,
             command=" ".join(["muserve", *sys.argv[1:]]),
         )
         return

@@ -76,3 +76,77 @@ def test_saturated_throughput_leaves_the_drain_tail_out() -> None:
     assert saturated_tokens_per_s(burst, 2) == pytest.approx(200.0)
     assert sum(o.tokens for o in burst) / 10.0 == pytest.approx(130.0)  # what the plain average says
     assert saturated_tokens_per_s(burst[:2], 2) == pytest.approx(100.0)  # no more answers than slots
+
+
+def test_simultaneous_mode_runs_every_policy_together_sequential_alternates() -> None:
+    from bench.replay import stacks
+
+    assert stacks(("fcfs", "ssjf", "oracle"), "simultaneous", 2) == [
+        (0, ("fcfs", "ssjf", "oracle")),
+        (1, ("fcfs", "ssjf", "oracle")),
+    ]
+    assert stacks(("fcfs", "ssjf"), "sequential", 2) == [
+        (0, ("fcfs",)),
+        (0, ("ssjf",)),
+        (1, ("ssjf",)),
+        (1, ("fcfs",)),
+    ]
+    with pytest.raises(ValueError, match="mode"):
+        stacks(("fcfs",), "parallel", 1)
+
+
+def test_report_says_how_policies_ran_and_who_predicted() -> None:
+    runs = [run("fcfs", 900.0, 0), run("ssjf", 400.0, 0), run("oracle", 300.0, 0)]
+    summary = {r.policy: summarize(r, SLO, 5.0) for r in runs}
+    meta = {
+        "machine": {"date": "d", "cpu": "c", "cores": 2, "commit": "x"},
+        "load_before": 0.1,
+        "command": "muserve bench replay",
+        "requests": 4,
+        "seed": 0,
+        "lengths_model": "m",
+        "max_len": 512,
+        "mean_tokens": 11.0,
+        "arrivals": "poisson",
+        "load": 0.9,
+        "mode": "simultaneous",
+        "repeats": 1,
+        "capacity_rps": 1.0,
+        "calibration": SLO,
+        "worker": "w",
+        "predictor": "p",
+        "predictor_status": [{"items": 9, "shed": 3, "unknown_models": ["x"]}],
+        "aging_factor": 6.0,
+        "slo_scale": 5.0,
+        "ratios": policy_ratios(summary),
+        "ratios_per_pass": [policy_ratios(summary)],
+    }
+    md = markdown(meta, summary)
+    assert "ran simultaneously" in md and "12 predictions, 3 of them by the cheaper overflow" in md
+    assert "not trained for x" in md
+
+
+def test_unknown_policies_are_rejected_before_anything_starts(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from bench.replay import run_replay
+
+    with pytest.raises(ValueError, match="policies"):
+        run_replay(data_dir=Path("."), out_dir=Path("."), policies=("fcfs", "lifo"), idle_timeout_s=0)
+    with pytest.raises(ValueError, match="mode"):
+        run_replay(data_dir=Path("."), out_dir=Path("."), mode="parallel", idle_timeout_s=0)
+
+
+def test_rank_quality_scores_the_estimates_ssjf_ordered_by() -> None:
+    from bench.replay import rank_quality
+
+    outcomes = [
+        Outcome(0, 10, 0.0, jct_ms=1.0, score_tokens=12.0, predictor="proxy-smollm2@1.x"),
+        Outcome(1, 40, 0.0, jct_ms=1.0, score_tokens=35.0, predictor="proxy-smollm2@1.x"),
+        Outcome(2, 90, 0.0, jct_ms=1.0, predicted_tokens=80.0, predictor="fallback-median@1"),
+        Outcome(3, 20, 0.0, error="boom", score_tokens=500.0, predictor="proxy-minilm@1.y"),
+    ]
+    q = rank_quality(outcomes)
+    # Errors are left out of the ranking; without a score the class's tokens stand in.
+    assert q["rank_tau"] == pytest.approx(1.0)
+    assert q["predictors"] == {"fallback-median": 1, "proxy-minilm": 1, "proxy-smollm2": 2}
