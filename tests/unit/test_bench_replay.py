@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from bench.replay import Outcome, PolicyRun, markdown, policy_ratios, pooled, summarize
@@ -22,23 +24,13 @@ def run(policy: str, wait_ms: float, round_: int, per_token_ms: float = 10.0) ->
     return PolicyRun(policy, outcomes, depth=[(0.0, 1)], wall_s=10.0, round=round_)
 
 
-def test_passes_pool_per_policy_and_ratios_follow() -> None:
-    runs = [run("fcfs", 900.0, 0), run("ssjf", 400.0, 0), run("oracle", 300.0, 0)]
-    runs += [run("oracle", 300.0, 1), run("ssjf", 600.0, 1), run("fcfs", 900.0, 1, per_token_ms=20.0)]
-    ssjf = pooled(runs, "ssjf")
-    assert len(ssjf.outcomes) == 8 and ssjf.wall_s == 20.0
-    summary = {p: summarize(pooled(runs, p), SLO, 5.0) for p in ("fcfs", "ssjf", "oracle")}
-    # Time after the first token over 10 tokens: (10 or 20 ms/token) + 900 ms / 10, averaged over passes.
-    assert summary["fcfs"]["decode_ms_per_token"] == pytest.approx(15.0 + 90.0)
-    r = policy_ratios(summary)
-    assert r["ssjf_fcfs_mean"] == pytest.approx(
-        summary["ssjf"]["jct_mean_ms"] / summary["fcfs"]["jct_mean_ms"]
-    )
-    assert policy_ratios({"fcfs": summary["fcfs"]}) == {}
+def report_meta(summary: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """A replay report's metadata (a 4-request Poisson run), with overrides."""
+    ratios = policy_ratios(summary)
     meta = {
         "machine": {"date": "d", "cpu": "c", "cores": 2, "commit": "x"},
         "load_before": 0.1,
-        "command": "muserve bench replay --repeats 2",
+        "command": "muserve bench replay",
         "requests": 4,
         "seed": 0,
         "lengths_model": "m",
@@ -52,11 +44,32 @@ def test_passes_pool_per_policy_and_ratios_follow() -> None:
         "predictor": "p",
         "aging_factor": 6.0,
         "slo_scale": 5.0,
-        "ratios": r,
-        "ratios_per_pass": [
+        "ratios": ratios,
+        "ratios_per_pass": [ratios],
+    }
+    return {**meta, **overrides}
+
+
+def test_passes_pool_per_policy_and_ratios_follow() -> None:
+    runs = [run("fcfs", 900.0, 0), run("ssjf", 400.0, 0), run("oracle", 300.0, 0)]
+    runs += [run("oracle", 300.0, 1), run("ssjf", 600.0, 1), run("fcfs", 900.0, 1, per_token_ms=20.0)]
+    ssjf = pooled(runs, "ssjf")
+    assert len(ssjf.outcomes) == 8 and ssjf.wall_s == 20.0
+    summary = {p: summarize(pooled(runs, p), SLO, 5.0) for p in ("fcfs", "ssjf", "oracle")}
+    # Time after the first token over 10 tokens: (10 or 20 ms/token) + 900 ms / 10, averaged over passes.
+    assert summary["fcfs"]["decode_ms_per_token"] == pytest.approx(15.0 + 90.0)
+    r = policy_ratios(summary)
+    assert r["ssjf_fcfs_mean"] == pytest.approx(
+        summary["ssjf"]["jct_mean_ms"] / summary["fcfs"]["jct_mean_ms"]
+    )
+    assert policy_ratios({"fcfs": summary["fcfs"]}) == {}
+    meta = report_meta(
+        summary,
+        command="muserve bench replay --repeats 2",
+        ratios_per_pass=[
             policy_ratios({x.policy: summarize(x, SLO, 5.0) for x in runs if x.round == k}) for k in (0, 1)
         ],
-    }
+    )
     md = markdown(meta, summary)
     assert "2 passes over the policies" in md and "| fcfs |" in md and "ms/token" in md
 
@@ -98,29 +111,12 @@ def test_simultaneous_mode_runs_every_policy_together_sequential_alternates() ->
 def test_report_says_how_policies_ran_and_who_predicted() -> None:
     runs = [run("fcfs", 900.0, 0), run("ssjf", 400.0, 0), run("oracle", 300.0, 0)]
     summary = {r.policy: summarize(r, SLO, 5.0) for r in runs}
-    meta = {
-        "machine": {"date": "d", "cpu": "c", "cores": 2, "commit": "x"},
-        "load_before": 0.1,
-        "command": "muserve bench replay",
-        "requests": 4,
-        "seed": 0,
-        "lengths_model": "m",
-        "max_len": 512,
-        "mean_tokens": 11.0,
-        "arrivals": "poisson",
-        "load": 0.9,
-        "mode": "simultaneous",
-        "repeats": 1,
-        "capacity_rps": 1.0,
-        "calibration": SLO,
-        "worker": "w",
-        "predictor": "p",
-        "predictor_status": [{"items": 9, "shed": 3, "unknown_models": ["x"]}],
-        "aging_factor": 6.0,
-        "slo_scale": 5.0,
-        "ratios": policy_ratios(summary),
-        "ratios_per_pass": [policy_ratios(summary)],
-    }
+    meta = report_meta(
+        summary,
+        mode="simultaneous",
+        repeats=1,
+        predictor_status=[{"items": 9, "shed": 3, "unknown_models": ["x"]}],
+    )
     md = markdown(meta, summary)
     assert "ran simultaneously" in md and "12 predictions, 3 of them by the cheaper overflow" in md
     assert "not trained for x" in md
