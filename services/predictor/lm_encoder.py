@@ -111,9 +111,9 @@ class _Block(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
         """x: rows x hidden -> the layer's output and this call's (roped) keys and values."""
         rows, heads, kv, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
         packed = self.packed()
-        lp = torch.ops.mkldnn._linear_pointwise
+        lp = torch.ops.mkldnn._linear_pointwise if packed else None  # absent from builds without oneDNN
         h = _rms(x, self.eps)
-        qkv = (lp(h, packed[0], None, "none", [], "") if packed else F.linear(h, self.qkv)).view(
+        qkv = (lp(h, packed[0], None, "none", [], "") if lp and packed else F.linear(h, self.qkv)).view(
             rows, heads + 2 * kv, dim
         )
         qk = qkv[:, : heads + kv]
@@ -122,7 +122,7 @@ class _Block(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
         qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], -1), sin)
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv :]
         att = _attention(q, k, v, segments, prefix_kv)
-        if packed:
+        if lp is not None and packed:
             x = lp.binary(att, x, packed[1], None, "add")
             h = _rms(x, self.eps)
             act = lp.binary(h, lp(h, packed[2], None, "swish", [], ""), packed[3], None, "mul")
