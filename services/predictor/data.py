@@ -50,6 +50,11 @@ class LengthData:
             self.prompt_ids, self.texts, self.models, self.rows[keep], self.cols[keep], self.tokens[keep]
         )
 
+    def answer_counts(self, models: Iterable[str]) -> dict[str, int]:
+        """Answers held for each of these models (those it has at all)."""
+        col = {m: i for i, m in enumerate(self.models)}
+        return {m: int(np.count_nonzero(self.cols == col[m])) for m in models if m in col}
+
     def matrix(self) -> FloatArray:
         """Prompts x models log-lengths, NaN where a model did not answer a prompt."""
         out = np.full((len(self.texts), len(self.models)), np.nan)

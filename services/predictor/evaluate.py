@@ -552,11 +552,7 @@ def evaluate(
         "data": {
             "hash": data.content_hash(),
             "same_as_training": data.content_hash() == meta["data"]["hash"],
-            "collected_answers": {
-                m: int(np.count_nonzero(data.cols == data.models.index(m)))
-                for m in meta.get("served_models", [])
-                if m in data.models
-            },
+            "collected_answers": data.answer_counts(meta.get("served_models", [])),
             "prompts": {k: len(v) for k, v in rows.items()},
             "models": n_m,
             "split_seed": seed,

@@ -463,11 +463,7 @@ def train(
             },
             "cap_tokens": MAX_TOKENS,
             "collected_files": [str(p) for p in collected],
-            "collected_answers": {
-                m: int(np.count_nonzero(data.cols == data.models.index(m)))
-                for m in served
-                if m in data.models
-            },
+            "collected_answers": data.answer_counts(served),
         },
         "training": {
             "objective": objective,
