@@ -6,9 +6,8 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-
 from bench.overhead import run_overhead
+from tests.shared_data import SHARED_DATA, needs_shared_data
 
 
 def test_overhead_bench_writes_json_markdown_png(tmp_path: Path) -> None:
@@ -25,12 +24,7 @@ def test_overhead_bench_writes_json_markdown_png(tmp_path: Path) -> None:
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
 
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-@pytest.mark.skipif(
-    not (SHARED_DATA / "alpaca_eval_prompts.jsonl").is_file(), reason=f"AlpacaEval data not at {SHARED_DATA}"
-)
+@needs_shared_data("alpaca_eval_prompts.jsonl")
 def test_replay_runs_the_policies_simultaneously_and_asks_the_predictor_about_the_replayed_llm(
     tmp_path: Path,
 ) -> None:

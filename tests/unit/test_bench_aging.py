@@ -11,12 +11,9 @@ from bench.aging import run_aging
 from services.powerd.sensitivity import get_model_shape
 from services.powerd.sim_gpu import get_profile
 from services.sim.step_model import StepModel
+from tests.shared_data import SHARED_DATA, needs_shared_data
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-pytestmark = pytest.mark.skipif(
-    not (SHARED_DATA / "AzureLLMInferenceTrace_conv.csv").is_file(),
-    reason=f"shared data not found at {SHARED_DATA} (CI has it at ../shared/data; user machines may not)",
-)
+pytestmark = needs_shared_data("AzureLLMInferenceTrace_conv.csv")
 
 
 def test_aging_study_compares_against_fcfs_on_the_same_arrivals(tmp_path: Path) -> None:

@@ -26,13 +26,7 @@ from services.predictor.data import (
 )
 from services.predictor.evaluate import class_metrics, kendall_tau_b, per_model_tau, rank_average, spearman
 from services.predictor.proxy import DEFAULT_ARTIFACT, ProxyLengthPredictor, cut_text, length_groups
-
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-needs_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "alpaca_eval_prompts.jsonl").is_file(),
-    reason=f"AlpacaEval data not found at {SHARED_DATA} (CI has it at ../shared/data; user machines may not)",
-)
-
+from tests.shared_data import SHARED_DATA, needs_shared_data
 
 # -- data rules -------------------------------------------------------------------------------------
 
@@ -306,7 +300,7 @@ def test_tiny_training_run_writes_a_loadable_artifact(tmp_path: Path) -> None:
     assert p.predict(_items("served", ["hello"]))[0].predictor == p.ident
 
 
-@needs_shared_data
+@needs_shared_data("alpaca_eval_prompts.jsonl")
 def test_real_data_loads_with_the_documented_shape() -> None:
     data = load_length_data(SHARED_DATA)
     assert len(data.texts) == 805
