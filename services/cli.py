@@ -90,6 +90,23 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     tr.add_argument("--epochs", type=int, help="default: minilm 8, smollm2 60")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=1, help="torch threads")
+    tr.add_argument(
+        "--teacher",
+        default="auto",
+        help="artifact folder to distil from (same split): its predictions on the train prompts, the "
+        "--unlabeled prompts and their variants become extra targets; auto: the shipped SmolLM2 one for "
+        "--encoder minilm, none for smollm2; none: no teacher",
+    )
+    tr.add_argument(
+        "--unlabeled",
+        choices=["sharegpt", "none"],
+        default="sharegpt",
+        help="prompts without answers the teacher labels (sharegpt: ShareGPT's 1,000 first turns)",
+    )
+    tr.add_argument("--distill-weight", type=float, default=2.0, help="weight of the teacher's targets")
+    tr.add_argument(
+        "--augment", type=int, default=1, help="word-dropout variants per prompt the teacher labels (0: none)"
+    )
     ev = psub.add_parser("eval", parents=[common], help="held-out evaluation vs baselines (report + PNG)")
     ev.add_argument("--data", type=Path, default=DATA)
     ev.add_argument("--collected", type=Path, nargs="*")
@@ -521,6 +538,17 @@ def _predictor(args: argparse.Namespace) -> int:
         from services.predictor.train import train
 
         out = args.out or (MINILM_ARTIFACT_DIR if args.encoder == "minilm" else PACKAGE_ARTIFACT)
+        teacher: Path | None = None
+        if args.teacher == "auto":
+            teacher = PACKAGE_ARTIFACT if args.encoder == "minilm" else None
+        elif args.teacher != "none":
+            teacher = Path(args.teacher)
+        unlabeled: list[str] = []
+        if teacher is not None and args.unlabeled == "sharegpt":
+            from services.predictor.data import read_prompt_table, read_unlabeled_prompts
+
+            # Every AlpacaEval prompt is excluded, held-out ones included.
+            unlabeled = read_unlabeled_prompts(args.data, read_prompt_table(args.data).values())
         train(
             args.data,
             out,
@@ -534,6 +562,10 @@ def _predictor(args: argparse.Namespace) -> int:
             threads=args.threads,
             log=print,
             cache_dir=settings.cache,
+            teacher=teacher,
+            unlabeled=unlabeled,
+            distill_weight=args.distill_weight,
+            augment=args.augment if teacher is not None else 0,
         )
         print(f"artifact written to {out}")
         return 0

@@ -22,6 +22,7 @@ from services.predictor.collect import read_records
 
 PROMPTS_FILE = "alpaca_eval_prompts.jsonl"
 LENGTHS_FILE = "alpaca_eval_response_lengths.csv.gz"
+SHAREGPT_FILE = "sharegpt_v3_first_prompts_1000.json"
 # A placeholder model and one that games the judge with padded answers: not real answer lengths.
 EXCLUDED_MODELS = frozenset({"NullModel", "gpt4_gamed"})
 MIN_TOKENS = 2
@@ -99,6 +100,40 @@ def read_prompt_tokens(data_dir: Path) -> dict[int, int]:
                 row = json.loads(line)
                 out[int(row["idx"])] = int(row.get("prompt_tokens_smollm2") or 1)
     return out
+
+
+def read_unlabeled_prompts(data_dir: Path, exclude: Iterable[str] = ()) -> list[str]:
+    """ShareGPT first user turns (no answers): prompts a teacher predictor can label for distillation.
+
+    Texts equal (whitespace and case aside) to one in exclude are left out, so a held-out AlpacaEval
+    prompt can never come back as a training prompt.
+    """
+
+    def norm(text: str) -> str:
+        return " ".join(text.split()).lower()
+
+    banned = {norm(t) for t in exclude}
+    with open(data_dir / SHAREGPT_FILE, encoding="utf-8") as f:
+        rows = json.load(f)
+    out: list[str] = []
+    seen: set[str] = set()
+    for row in rows:
+        turns = [t for t in row.get("conversations", []) if t.get("from") == "human"]
+        text = str(turns[0].get("value", "")) if turns else ""
+        key = norm(text)
+        if key and key not in banned and key not in seen:
+            seen.add(key)
+            out.append(text)
+    return out
+
+
+def word_dropout(text: str, rng: np.random.Generator, p: float = 0.2) -> str:
+    """The text with each word dropped with probability p (at least one word kept): a distillation variant."""
+    words = text.split(" ")
+    keep = rng.random(len(words)) >= p
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return " ".join(w for w, k in zip(words, keep, strict=True) if k)
 
 
 def read_alpaca_lengths(data_dir: Path) -> list[tuple[str, int, int]]:

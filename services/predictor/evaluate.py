@@ -371,10 +371,20 @@ def evaluate(
     predictors: dict[str, str] = {}
     for name, art in loaded.items():
         matrix = art.log_tokens_matrix(data.texts).double().numpy()
-        col = np.array([art.models.index(m) if art.knows(m) else len(art.models) for m in data.models])
+        col = np.array([art.column(m) for m in data.models])
         pred[name] = {k: matrix[parts[k].rows, col[parts[k].cols]] for k in held}
         score[name] = dict(pred[name])  # type: ignore[arg-type]
-        predictors[name] = f"proxy predictor {art.ident}" + (" (this artifact)" if name == "proxy" else "")
+        distill = art.metadata.get("training", {}).get("distillation")
+        predictors[name] = (
+            f"proxy predictor {art.ident}"
+            + (" (this artifact)" if name == "proxy" else "")
+            + (
+                f", distilled from {distill['teacher']} (which also labelled {distill['unlabeled_prompts']} "
+                "prompts without answers, none of them held out)"
+                if distill
+                else ""
+            )
+        )
     predictors |= {k: v for k, v in PREDICTORS.items() if k != "proxy"}
 
     med = np.full(n_m, float(np.median(parts["train"].tokens)))

@@ -337,6 +337,16 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     return out
 
 
+def native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): Linux' CPU flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_encoder_dir(encoder: str, cache_dir: Path | None = None) -> Path:
     """Where an encoder's weights live: the MiniLM package, or the converted SmolLM2 in the model cache."""
     if encoder == MINILM_ENCODER:
@@ -415,9 +425,10 @@ class ProxyLengthPredictor(LengthPredictor):
     ) -> ProxyLengthPredictor:
         """Load an artifact (default: the one shipped in the package) onto the packaged encoder.
 
-        quantize: int8 dynamic quantization of the encoder's linear layers (about 2x faster on CPU;
-        MiniLM only); None = what the artifact's metadata says (evaluated that way; an LM encoder runs
-        in the dtype the metadata names). cache_dir: muserve's model
+        quantize: int8 dynamic quantization of the encoder's linear layers (about 2x faster than
+        float32 on CPU; MiniLM only); None = what the artifact's metadata says (evaluated that way): the
+        dtype it names, except that a MiniLM artifact in bfloat16 runs int8 on a CPU without bfloat16
+        units (native_bf16()). cache_dir: muserve's model
         cache, where an LM encoder (SmolLM2) is converted once.
         """
         folder = Path(artifact_dir) if artifact_dir is not None else DEFAULT_ARTIFACT
@@ -445,6 +456,9 @@ class ProxyLengthPredictor(LengthPredictor):
             net.encoder = FastBertEncoder(net.encoder)
         inference = meta.get("inference", {})
         int8 = quantize if quantize is not None else bool(inference.get("int8", False))
+        if quantize is None and inference.get("dtype") == "bfloat16" and not net.frozen and not native_bf16():
+            # Without bfloat16 units the CPU emulates it, far slower than int8 (which costs ~0.02 accuracy).
+            int8 = True
         if int8 and net.frozen:
             # Per-tensor activation quantization clips an LLM's outlier features: measured, the
             # validation tau of the SmolLM2 encoder fell from 0.54 to 0.16.
@@ -465,6 +479,10 @@ class ProxyLengthPredictor(LengthPredictor):
     def knows(self, model: str) -> bool:
         """True when the artifact has a learned embedding for this model."""
         return model in self._col
+
+    def column(self, model: str) -> int:
+        """The model's column in log_tokens_matrix (the last, average-model one for an unknown model)."""
+        return self._col.get(model, len(self.models))
 
     def log_tokens(self, items: Sequence[PredictItem]) -> torch.Tensor:
         """Predicted log output length per item (the ranking score)."""

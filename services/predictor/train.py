@@ -1,14 +1,19 @@
 """Train the proxy length predictor and write a versioned artifact.
 
-Retrain the shipped artifacts (the defaults reproduce them; `muserve predictor train --encoder ...`)::
+Retrain the shipped artifacts (`muserve predictor train --encoder smollm2`, then `--encoder minilm
+--threads 2`: the CLI's defaults reproduce them), in Python::
 
     from pathlib import Path
     from services.predictor.train import train
     collected = [Path("~/.cache/muserve/collect/smollm2-135m-instruct.jsonl").expanduser()]
     train(Path("../shared/data"), Path("services/predictor/artifacts/default"), encoder="smollm2",
           collected=collected)                                    # ~1 min on 2 cores
-    train(Path("../shared/data"), Path("services/predictor/artifacts/minilm"), encoder="minilm",
-          collected=collected)                                    # ~4 min
+    from services.predictor.artifacts import DEFAULT_ARTIFACT_DIR
+    from services.predictor.data import read_prompt_table, read_unlabeled_prompts
+    data = Path("../shared/data")
+    train(data, Path("services/predictor/artifacts/minilm"), encoder="minilm", threads=2,
+          teacher=DEFAULT_ARTIFACT_DIR, distill_weight=2.0, augment=1,
+          unlabeled=read_unlabeled_prompts(data, read_prompt_table(data).values()))  # ~20 min
 
 What it does: AlpacaEval prompts with every public LLM's answer length (plus the served models'
 collected lengths) are split by prompt 60/20/20 (seeded). An encoder reads each prompt: "smollm2" is
@@ -22,7 +27,14 @@ separately per model (ranking is what SSJF consumes), plus a small squared error
 prompts is kept; one common scale and each model's offset are then calibrated on the validation
 prompts so that thresholding the predicted length at the class edges gives the classes (the median
 class of the predictive distribution: it minimises the expected class distance). The test prompts
-are never touched (evaluate() reports on them). The artifact stores only what differs from the
+are never touched (evaluate() reports on them).
+
+Distillation (the shipped MiniLM artifact): a teacher artifact trained on the same split (the SmolLM2
+one) predicts every model's log-length for the train prompts, ShareGPT's first turns (no answers;
+any equal to an AlpacaEval prompt dropped) and a word-dropout variant of each; the student fits those
+predictions (ListMLE + MSE, weighted) next to the true lengths. Models the teacher knows and the data
+lacks (the served model, when its collected answers are not on this machine) are learnt from the
+teacher alone. The artifact stores only what differs from the
 packaged weights: head and model table (fp32), LoRA factors (fp16) or feature statistics, metadata.
 """
 
@@ -51,6 +63,7 @@ from services.predictor.data import (
     edge_percentiles,
     load_length_data,
     split_by_prompt,
+    word_dropout,
 )
 from services.predictor.evaluate import all_metrics, per_model_tau
 from services.predictor.lm_encoder import SMOLLM2_ENCODER
@@ -113,6 +126,8 @@ def _listmle(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> t
 
 def _loss(objective: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     valid = ~torch.isnan(target)
+    if not bool(valid.any()):
+        return pred.sum() * 0.0  # a batch of unlabelled prompts only: no term, but a graph
     y = torch.nan_to_num(target)
     mse = ((pred - y) ** 2)[valid].mean()
     if objective == "mse":
@@ -307,17 +322,27 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     cache_dir: Path | None = None,
+    teacher: Path | None = None,
+    unlabeled: Sequence[str] = (),
+    distill_weight: float = 1.0,
+    augment: int = 0,
 ) -> dict[str, Any]:
     """Train on the train prompts, pick the epoch and calibrate on validation, write the artifact to out_dir.
 
     data_dir holds alpaca_eval_prompts.jsonl and alpaca_eval_response_lengths.csv.gz; collected are
     `muserve predictor collect` JSONL files (the served models' own lengths; missing files are
     skipped, partial files are fine). models restricts the target LLMs, max_prompts subsamples prompts
-    (quick runs), int8 makes the predictor load with an int8-quantized encoder (default: MiniLM yes;
+    (quick runs), int8 makes the predictor load with an int8-quantized encoder (default: no; MiniLM
+    then runs in bfloat16, int8 on a CPU without bfloat16 units;
     an LM encoder cannot, it is served in bfloat16). encoder "minilm" tunes
     the packaged MiniLM with LoRA; "smollm2" reads the served LLM's first layers (frozen; cache_dir is
     muserve's model cache). layers, epochs and lr default per encoder (ENCODER_DEFAULTS). Returns the
     artifact's metadata (validation metrics, measured in float32, under "metrics").
+
+    teacher: distil from another artifact trained on the same split (the slow, accurate SmolLM2 one):
+    its predicted log-lengths on the train prompts and on the unlabeled prompt texts become a second
+    target, weighted distill_weight, next to the true lengths. It never sees a validation or test prompt.
+    augment: that many word-dropout variants of each of those prompts, labelled by the teacher too.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -328,7 +353,7 @@ def train(
     epochs = d_epochs if epochs is None else epochs
     lr = d_lr if lr is None else lr
     if int8 is None:
-        int8 = encoder == MINILM_ENCODER
+        int8 = False
     if int8 and encoder != MINILM_ENCODER:
         raise ValueError("int8 dynamic quantization ruins an LM encoder's features; it is served in bfloat16")
     say = log or (lambda msg: tqdm.write(msg) if progress else None)
@@ -340,8 +365,20 @@ def train(
 
     collected = [Path(p).expanduser() for p in collected]
     data = _restrict(load_length_data(data_dir, collected), models, max_prompts, seed)
-    n_models = len(data.models)
     train_rows, val_rows, test_rows = split_by_prompt(len(data.texts), seed)
+    soft: torch.Tensor | None = None
+    distill_meta: dict[str, Any] | None = None
+    inherited: dict[str, Any] = {}
+    if teacher is not None:
+        aug_rng = np.random.default_rng(seed + 1)
+        sources = [data.texts[r] for r in train_rows] + list(unlabeled)
+        unlabeled = [*unlabeled, *(word_dropout(t, aug_rng) for _ in range(augment) for t in sources)]
+        data, soft, distill_meta, inherited = _teacher_targets(
+            teacher, data, train_rows, unlabeled, seed, cache_dir, threads, progress, say
+        )
+    elif unlabeled or augment:
+        raise ValueError("unlabeled prompts and augmented variants need a teacher artifact to label them")
+    n_models = len(data.models)
     d_train, d_val = data.subset(train_rows), data.subset(val_rows)
     percentiles = edge_percentiles(classes)
     edges = class_edges(d_train.tokens, percentiles)
@@ -362,8 +399,10 @@ def train(
     net = build_net(cfg, n_models, encoder_dir)
     tokenizer = load_tokenizer(encoder_dir)
     share_prefix(net, tokenizer)
-    ids, mask = encode_texts(tokenizer, data.texts, cfg)
+    ids, mask = encode_texts(tokenizer, [*data.texts, *(unlabeled if teacher is not None else ())], cfg)
     lengths = mask.sum(1).numpy()
+    # Rows the loss sees: the labelled train prompts, and with a teacher the unlabeled ones after them.
+    fit_rows = np.concatenate([train_rows, np.arange(len(data.texts), len(ids))])
     feats: torch.Tensor | None = None
     if net.frozen:
         feats = encoder_features(net, ids, mask, progress)
@@ -373,6 +412,9 @@ def train(
             net.feat_sd.copy_(tr_feats.std(0) + 1e-6)
 
     target = torch.tensor(data.matrix(), dtype=torch.float32)
+    if soft is not None:
+        # Unlabelled rows: no true length anywhere.
+        target = torch.cat([target, torch.full((len(soft) - len(target), n_models), math.nan)])
     with torch.no_grad():
         # Start every model at its mean training log-length; the head learns the prompt's deviation.
         means = torch.nanmean(target[torch.as_tensor(train_rows)], 0)
@@ -380,7 +422,7 @@ def train(
 
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    steps_per_epoch = math.ceil(len(fit_rows) / batch_size)
     total_steps = epochs * steps_per_epoch
     # OneCycle divides by its warm-up length, 0.1 x steps - 1: a tiny run (< 20 steps) keeps lr constant.
     sched: Any = (
@@ -397,13 +439,16 @@ def train(
         # Length buckets only save padding; cached features have none, and mixed lengths in a batch
         # give the ranking loss more informative pairs.
         batches = (
-            _bucketed_batches(train_rows, lengths, batch_size, rng)
+            _bucketed_batches(fit_rows, lengths, batch_size, rng)
             if feats is None
-            else list(np.array_split(rng.permutation(train_rows), steps_per_epoch))
+            else list(np.array_split(rng.permutation(fit_rows), steps_per_epoch))
         )
         for b in batches:
             bt = torch.as_tensor(b)
-            loss = _loss(objective, _forward(net, ids, mask, bt, feats), target[bt])
+            pred = _forward(net, ids, mask, bt, feats)
+            loss = _loss(objective, pred, target[bt])
+            if soft is not None:
+                loss = loss + distill_weight * _loss(objective, pred, soft[bt])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -422,6 +467,13 @@ def train(
     pred_train = pair_scores(d_train, train_rows, predict_matrix(net, ids, mask, train_rows, feats))
     pred_val = pair_scores(d_val, val_rows, predict_matrix(net, ids, mask, val_rows, feats))
     scale, offset, spread = calibrate(pred_val, d_val, pred_train, d_train, n_models)
+    if soft is not None:
+        # A model only the teacher knows (a served model it had collected answers for): no label to
+        # calibrate on, so match the teacher's mean log-length on the train prompts instead.
+        raw = torch.as_tensor(predict_matrix(net, ids, mask, train_rows, feats))
+        for m in inherited.get("models", []):
+            c = data.models.index(m)
+            offset[c] = float(soft[torch.as_tensor(train_rows), c].mean() - scale * raw[:, c].mean())
     with torch.no_grad():
         # Fold the calibration into the model table: a * (z.u + b) + c.
         net.model_u.mul_(scale)
@@ -430,7 +482,7 @@ def train(
     say(f"validation (calibrated on it): {val_metrics}")
 
     data_hash = data.content_hash()
-    served = sorted({m for p in collected for m in _collected_models(p)})
+    served = sorted({m for p in collected for m in _collected_models(p)} | set(inherited.get("served", [])))
     tag = "" if encoder == MINILM_ENCODER else f"{encoder}-"
     meta: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
@@ -440,13 +492,13 @@ def train(
         "encoder": _encoder_meta(encoder, encoder_dir, layers),
         "net": asdict(cfg),
         # Load-time int8 dynamic quantization of the encoder (ProxyLengthPredictor.load(quantize=None)).
-        "inference": {"int8": int8} if encoder == MINILM_ENCODER else {"int8": False, "dtype": "bfloat16"},
+        "inference": {"int8": True} if int8 else {"int8": False, "dtype": "bfloat16"},
         "classes": classes,
         "edge_percentiles": percentiles,
         "edges_tokens": edges,
         "models": data.models,
         "served_models": served,
-        "class_tokens": class_token_table(d_train, edges),
+        "class_tokens": class_token_table(d_train, edges) | inherited.get("class_tokens", {}),
         "spread_log_tokens": {m: round(float(s), 4) for m, s in zip(data.models, spread, strict=True)},
         "calibration": {"scale": scale, "fit_on": "validation prompts"},
         "train_answers": {
@@ -478,9 +530,75 @@ def train(
         },
         "metrics": {"validation": val_metrics},
     }
+    if distill_meta is not None:
+        meta["training"]["distillation"] = {**distill_meta, "weight": distill_weight, "augment": augment}
     save_artifact(out_dir, trainable_state(net), meta)
     say(f"wrote {out_dir} ({meta['version']}) in {meta['training']['seconds']} s")
     return meta
+
+
+def _teacher_targets(
+    teacher: Path,
+    data: LengthData,
+    train_rows: IntArray,
+    unlabeled: Sequence[str],
+    seed: int,
+    cache_dir: Path | None,
+    threads: int | None,
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[LengthData, torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """The teacher's log-lengths on the train prompts, then the unlabeled ones (NaN on other rows).
+
+    Models the teacher knows and data lacks (a served model whose collected answers are not on this
+    machine) are appended to data's models, unanswered: the student learns them from the teacher alone
+    and inherits their class tokens. Refuses a teacher trained on another split: it could have learnt
+    this run's held-out prompts.
+    """
+    from services.predictor.proxy import ProxyLengthPredictor
+
+    pred = ProxyLengthPredictor.load(teacher, threads=threads, cache_dir=cache_dir)
+    split = pred.metadata.get("data", {}).get("split", {})
+    prompts = pred.metadata.get("data", {}).get("prompts")
+    if split.get("seed") != seed or prompts != len(data.texts):
+        raise ValueError(
+            f"teacher {teacher} was trained on split seed {split.get('seed')} of {prompts} prompts, "
+            f"this run uses seed {seed} of {len(data.texts)}: it may have seen held-out prompts"
+        )
+    extra = [m for m in pred.models if m not in set(data.models)]
+    if extra:
+        models = [*data.models, *extra]
+        data = LengthData(data.prompt_ids, data.texts, models, data.rows, data.cols, data.tokens)
+    texts = [data.texts[r] for r in train_rows] + list(unlabeled)
+    got = []
+    bar = tqdm(total=len(texts), desc="teacher labels", unit="prompt", disable=not progress)
+    for start in range(0, len(texts), 32):
+        got.append(pred.log_tokens_matrix(texts[start : start + 32]).float())
+        bar.update(len(texts[start : start + 32]))
+    bar.close()
+    matrix = torch.cat(got)
+    out = torch.full((len(data.texts) + len(unlabeled), len(data.models)), math.nan)
+    rows = torch.as_tensor(np.concatenate([train_rows, len(data.texts) + np.arange(len(unlabeled))]))
+    out[rows] = matrix[:, torch.tensor([pred.column(m) for m in data.models])]
+    unknown = [m for m in data.models if not pred.knows(m)]
+    served = set(pred.metadata.get("served_models", []))
+    say(
+        f"teacher {pred.version}: {len(texts)} prompts labelled ({len(unlabeled)} without answers); "
+        f"models learnt from the teacher alone: {extra or 'none'}"
+    )
+    meta = {
+        "teacher": pred.version,
+        "unlabeled_prompts": len(unlabeled),
+        "models_unknown_to_teacher": unknown,
+        "models_from_teacher": extra,
+    }
+    priors = pred.metadata.get("class_tokens", {})
+    inherited = {
+        "models": extra,
+        "served": [m for m in extra if m in served],
+        "class_tokens": {m: priors[m] for m in extra if m in priors},
+    }
+    return data, out, meta, inherited
 
 
 def _encoder_meta(encoder: str, encoder_dir: Path, layers: int) -> dict[str, Any]:

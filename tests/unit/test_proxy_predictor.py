@@ -165,6 +165,32 @@ def test_the_default_artifact_reads_the_served_llm_and_the_other_minilm() -> Non
     ) == ("minilm")
 
 
+def test_the_minilm_artifact_is_distilled_from_the_shipped_default_and_knows_the_served_llm() -> None:
+    default = json.loads((DEFAULT_ARTIFACT / "metadata.json").read_text())
+    minilm = json.loads((MINILM_ARTIFACT_DIR / "metadata.json").read_text())
+    # Retraining the default artifact means re-distilling the MiniLM one (`predictor train --encoder minilm`).
+    assert minilm["training"]["distillation"]["teacher"] == default["version"]
+    assert set(default["served_models"]) <= set(minilm["served_models"]) <= set(minilm["models"])
+    assert minilm["edges_tokens"][:3] == default["edges_tokens"][:3]
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_the_minilm_artifact_runs_bf16_where_the_cpu_has_it_else_int8(
+    has_bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import services.predictor.proxy as proxy
+
+    monkeypatch.setattr(proxy, "native_bf16", lambda: has_bf16)
+    p = ProxyLengthPredictor.load(MINILM_ARTIFACT_DIR)
+    assert p.int8 is not has_bf16
+    if has_bf16:
+        assert next(p.net.encoder.parameters()).dtype == torch.bfloat16
+    assert ProxyLengthPredictor.load(MINILM_ARTIFACT_DIR, quantize=False).int8 is False  # explicit wins
+    assert p.predict(_items(p.models[0], TEXTS[:2]))[0].predicted_tokens > 0
+
+
 def test_shipped_artifact_predicts_a_batch(shipped: ProxyLengthPredictor) -> None:
     model = shipped.models[0]
     preds = shipped.predict(_items(model, TEXTS))
@@ -418,6 +444,51 @@ def test_tiny_lm_encoder_training_run_writes_a_loadable_artifact(tmp_path: Path)
     assert float(long) > float(short)
     with pytest.raises(ValueError, match="bfloat16"):
         ProxyLengthPredictor.load(out, quantize=True)
+
+
+def test_distilled_student_learns_from_a_teacher_on_unlabeled_prompts(tmp_path: Path) -> None:
+    from services.predictor.train import train
+
+    data_dir, col = _synthetic_data_dir(tmp_path)
+    teacher = tmp_path / "teacher"
+    train(data_dir, teacher, collected=[col], layers=1, epochs=3, lr=3e-3, seed=0, progress=False)
+    unlabeled = [f"Write a long detailed essay about {t}." for t in ("owls", "glue")] + ["One word: owls?"]
+    out = tmp_path / "student"
+    # No collected file this time: the served model's column comes from the teacher alone.
+    meta = train(
+        data_dir, out, layers=1, epochs=2, lr=3e-3, seed=0, progress=False,
+        teacher=teacher, unlabeled=unlabeled, augment=1,
+    )  # fmt: skip
+    distill = meta["training"]["distillation"]
+    assert distill["unlabeled_prompts"] == 3 + (24 + 3) and distill["augment"] == 1  # 24 train prompts
+    assert distill["teacher"].startswith("1.") and distill["models_unknown_to_teacher"] == []
+    assert distill["models_from_teacher"] == ["served"] and meta["served_models"] == ["served"]
+    assert meta["models"] == ["big", "small", "served"] and meta["train_answers"]["served"] == 0
+    student = ProxyLengthPredictor.load(out)
+    assert student.version == meta["version"] and student.knows("served")
+    texts = ["Write a long detailed essay about owls.", "One word?"]
+    long, short = student.log_tokens(_items("served", texts))
+    assert float(long) > float(short)
+    # A teacher trained on another split may have learnt this run's held-out prompts.
+    with pytest.raises(ValueError, match="split seed"):
+        train(data_dir, tmp_path / "x", collected=[col], layers=1, epochs=1, seed=1, progress=False,
+              teacher=teacher)  # fmt: skip
+    with pytest.raises(ValueError, match="teacher"):
+        train(data_dir, tmp_path / "y", layers=1, epochs=1, progress=False, unlabeled=unlabeled)
+
+
+@needs_shared_data("sharegpt_v3_first_prompts_1000.json")
+def test_unlabeled_prompts_never_include_an_alpacaeval_prompt() -> None:
+    from services.predictor.data import read_prompt_table, read_unlabeled_prompts
+
+    every = read_unlabeled_prompts(SHARED_DATA)
+    assert 900 <= len(every) <= 1000 and all(t.strip() for t in every)
+    assert len({" ".join(t.split()).lower() for t in every}) == len(every)  # no duplicates
+    banned = [every[0].upper() + "  ", every[5]]
+    kept = read_unlabeled_prompts(SHARED_DATA, banned)
+    assert len(kept) == len(every) - 2 and every[0] not in kept and every[5] not in kept
+    alpaca = read_prompt_table(SHARED_DATA).values()
+    assert len(read_unlabeled_prompts(SHARED_DATA, alpaca)) <= len(every)
 
 
 def test_unknown_encoder_is_rejected(tmp_path: Path) -> None:
