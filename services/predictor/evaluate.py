@@ -546,6 +546,7 @@ def evaluate(
                 "machine_busy": by_threads[fastest]["machine"]["busy"],
             }
 
+    data_hash = data.content_hash()  # hashes every label: once
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": _git_commit(),
@@ -560,8 +561,8 @@ def evaluate(
             "collected_answers": meta["data"].get("collected_answers", {}),
         },
         "data": {
-            "hash": data.content_hash(),
-            "same_as_training": data.content_hash() == meta["data"]["hash"],
+            "hash": data_hash,
+            "same_as_training": data_hash == meta["data"]["hash"],
             "collected_answers": data.answer_counts(meta.get("served_models", [])),
             "prompts": {k: len(v) for k, v in rows.items()},
             "models": n_m,
