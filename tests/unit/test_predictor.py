@@ -289,3 +289,15 @@ async def test_batcher_keeps_the_main_predictor_within_its_busy_share() -> None:
     assert out[0] == "slow@0"  # an idle service answers with the main predictor
     with pytest.raises(ValueError, match="max_busy_share"):
         MicroBatcher(slow, max_busy_share=0.0)
+
+
+def test_the_overflow_is_the_minilm_artifact_in_int8_and_none_for_a_median_primary() -> None:
+    from services.common.settings import Settings
+    from services.predictor.proxy import ProxyLengthPredictor
+    from services.predictor.service import build_overflow, median_baseline
+
+    settings = Settings()
+    assert build_overflow(settings, median_baseline(settings)) is None  # nothing cheaper to shed to
+    overflow = build_overflow(settings, ProxyLengthPredictor.load())
+    assert isinstance(overflow, ProxyLengthPredictor)
+    assert overflow.name == "proxy-minilm" and overflow.int8  # shedding load: its cheapest form
