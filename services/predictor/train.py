@@ -399,7 +399,7 @@ def train(
     net = build_net(cfg, n_models, encoder_dir)
     tokenizer = load_tokenizer(encoder_dir)
     share_prefix(net, tokenizer)
-    ids, mask = encode_texts(tokenizer, [*data.texts, *(unlabeled if teacher is not None else ())], cfg)
+    ids, mask = encode_texts(tokenizer, [*data.texts, *unlabeled], cfg)
     lengths = mask.sum(1).numpy()
     # Rows the loss sees: the labelled train prompts, and with a teacher the unlabeled ones after them.
     fit_rows = np.concatenate([train_rows, np.arange(len(data.texts), len(ids))])
@@ -471,7 +471,7 @@ def train(
         # A model only the teacher knows (a served model it had collected answers for): no label to
         # calibrate on, so match the teacher's mean log-length on the train prompts instead.
         raw = torch.as_tensor(predict_matrix(net, ids, mask, train_rows, feats))
-        for m in inherited.get("models", []):
+        for m in distill_meta["models_from_teacher"] if distill_meta else []:
             c = data.models.index(m)
             offset[c] = float(soft[torch.as_tensor(train_rows), c].mean() - scale * raw[:, c].mean())
     with torch.no_grad():
@@ -594,7 +594,6 @@ def _teacher_targets(
     }
     priors = pred.metadata.get("class_tokens", {})
     inherited = {
-        "models": extra,
         "served": [m for m in extra if m in served],
         "class_tokens": {m: priors[m] for m in extra if m in priors},
     }
