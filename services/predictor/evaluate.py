@@ -117,6 +117,56 @@ def all_metrics(
     return out
 
 
+BOOTSTRAP_METRICS = ("accuracy", "within_one", "kendall_tau_per_model")
+
+
+def bootstrap_intervals(
+    prompt_rows: npt.ArrayLike,
+    y_true: npt.ArrayLike,
+    y_pred: Mapping[str, npt.ArrayLike],
+    score: Mapping[str, npt.ArrayLike],
+    tokens: npt.ArrayLike,
+    models: npt.ArrayLike,
+    *,
+    resamples: int = 400,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, list[float]]]:
+    """Percentile intervals of accuracy, within-one and per-model tau, resampling prompts with replacement.
+
+    One entry per predictor, plus "A - B" for every other predictor A against the first B, paired (the
+    same resampled prompts): whether a gap is larger than what another draw of test prompts would give.
+    """
+    rows, yt, tok, mods = (np.asarray(a) for a in (prompt_rows, y_true, tokens, models))
+    names = list(y_pred)
+    prompts = np.unique(rows)
+    pairs_of = {int(p): np.flatnonzero(rows == p) for p in prompts}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[list[float]]] = {n: [] for n in names}
+    for _ in range(resamples):
+        idx = np.concatenate([pairs_of[int(p)] for p in rng.choice(prompts, len(prompts))])
+        for n in names:
+            yp = np.asarray(y_pred[n])[idx]
+            draws[n].append(
+                [
+                    float(np.mean(yt[idx] == yp)),
+                    float(np.mean(np.abs(yt[idx] - yp) <= 1)),
+                    per_model_tau(np.asarray(score[n])[idx], tok[idx], mods[idx]),
+                ]
+            )
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    arr = {n: np.asarray(v) for n, v in draws.items()}
+    out: dict[str, dict[str, list[float]]] = {}
+    for n in names:
+        out[n] = {m: np.percentile(arr[n][:, i], q).tolist() for i, m in enumerate(BOOTSTRAP_METRICS)}
+    for n in names[1:]:
+        diff = arr[n] - arr[names[0]]
+        out[f"{n} - {names[0]}"] = {
+            m: np.percentile(diff[:, i], q).tolist() for i, m in enumerate(BOOTSTRAP_METRICS)
+        }
+    return out
+
+
 # The 27 LLMs whose answers ship as full text: the setting of the issue's target table.
 TABLE_MODELS = (
     "FuseChat-Llama-3.2-1B-Instruct", "Meta-Llama-3-70B-Instruct", "Meta-Llama-3-8B-Instruct",
@@ -460,6 +510,7 @@ def evaluate(
     }
     results: dict[str, Any] = {}
     confusions: list[tuple[str, IntArray]] = []
+    intervals: dict[str, dict[str, list[float]]] = {}
     for name, st in settings.items():
         if not st["edges"]:
             continue
@@ -480,6 +531,17 @@ def evaluate(
                     cm = confusion(y_true, y_pred, classes)
                     confusions.append((f"{PREDICTORS[p]}\n{name}, test", cm))
                     res[split][p]["confusion"] = cm.tolist()  # rows = true class (the simulator reads it)
+            if split == "test" and name == "table_27_models":
+                # How much the target metrics move with another draw of 161 test prompts.
+                intervals = bootstrap_intervals(
+                    d.rows[sel],
+                    classes_of(d.tokens[sel], edges),
+                    {p: classes_of(np.exp(pred[p][split][sel]), edges) for p in loaded},
+                    {p: score[p][split][sel] for p in loaded},  # type: ignore[index]
+                    d.tokens[sel],
+                    d.cols[sel],
+                    seed=seed,
+                )
         results[name] = res
 
     served: dict[str, Any] = {}
@@ -532,6 +594,7 @@ def evaluate(
             v = table.get(metric)
             targets[key + suffix] = {
                 "table_27_setting": v,
+                "ci95": intervals.get(name, {}).get(metric),
                 "all_models": every[metric],
                 "met": None if v is None else bool(v >= limit),
             }
@@ -575,6 +638,7 @@ def evaluate(
         "latency": lat,
         "latency_compare": lat_compare,
         "targets": targets,
+        "bootstrap": {"setting": "table_27_models", "split": "test", "level": 0.95, "intervals": intervals},
         "seconds": round(time.time() - started, 1),
     }
     # The simulator's predictor: the proxy's test confusion counts in the first (all-LLM) setting.
@@ -747,16 +811,34 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [
         "## Targets (proxy, test prompts)",
         "",
-        "| target | table-27 setting | all LLMs | met |",
-        "|---|---|---|---|",
+        "| target | table-27 setting | 95% interval (prompts resampled) | all LLMs | met |",
+        "|---|---|---|---|---|",
     ]
     for k, v in r["targets"].items():
         ok = "-" if v.get("met") is None else ("yes" if v["met"] else "no")
         if "value" in v:
             busy = " (machine busy)" if v.get("machine_busy") else ""
-            lines.append(f"| {k} | {_fmt(v['value'], 2)} ms with {v['threads']} thread(s){busy} | - | {ok} |")
+            lines.append(
+                f"| {k} | {_fmt(v['value'], 2)} ms with {v['threads']} thread(s){busy} | - | - | {ok} |"
+            )
         else:
-            lines.append(f"| {k} | {_fmt(v['table_27_setting'])} | {_fmt(v['all_models'])} | {ok} |")
+            ci = v.get("ci95")
+            span = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
+            lines.append(f"| {k} | {_fmt(v['table_27_setting'])} | {span} | {_fmt(v['all_models'])} | {ok} |")
+    gaps = {k: v for k, v in r.get("bootstrap", {}).get("intervals", {}).items() if " - " in k}
+    if gaps:
+        lines += [
+            "",
+            "Paired gaps between artifacts on the same resampled test prompts (table-27 setting, 95% "
+            "intervals, 400 resamples; an interval that excludes 0 is a gap another draw of test prompts "
+            "would not close):",
+            "",
+            "| gap | accuracy | within one | Kendall tau per model |",
+            "|---|---|---|---|",
+        ]
+        for k, g in gaps.items():
+            cells = " | ".join(f"[{_fmt(g[m][0])}, {_fmt(g[m][1])}]" for m in BOOTSTRAP_METRICS)
+            lines.append(f"| {k} | {cells} |")
     lines += [
         "",
         f"![confusion matrices]({REPORT}.png)",

@@ -110,6 +110,33 @@ def test_class_metrics() -> None:
     assert 0 < m["macro_f1"] < 1
 
 
+def test_bootstrap_intervals_cover_the_estimate_and_pair_the_gaps() -> None:
+    from services.predictor.evaluate import bootstrap_intervals
+
+    rng = np.random.default_rng(1)
+    prompts, models = 40, 3
+    rows = np.repeat(np.arange(prompts), models)
+    cols = np.tile(np.arange(models), prompts)
+    tokens = rng.integers(10, 1000, len(rows))
+    truth = np.searchsorted([100, 300, 600], tokens)
+    noisy = np.clip(truth + rng.integers(-1, 2, len(rows)), 0, 3)
+    score_noisy = np.log(tokens) + rng.normal(0, 1.0, len(rows))
+    out = bootstrap_intervals(
+        rows, truth, {"exact": truth, "noisy": noisy}, {"exact": np.log(tokens), "noisy": score_noisy},
+        tokens, cols, resamples=200,
+    )  # fmt: skip
+    assert out["exact"]["accuracy"] == [1.0, 1.0] and out["exact"]["kendall_tau_per_model"] == [1.0, 1.0]
+    lo, hi = out["noisy"]["accuracy"]
+    assert lo < float(np.mean(noisy == truth)) < hi and hi - lo < 0.3
+    assert out["noisy"]["within_one"] == [1.0, 1.0]
+    gap = out["noisy - exact"]["kendall_tau_per_model"]
+    assert gap[1] < 0  # a real gap: every resample agrees
+    same = bootstrap_intervals(
+        rows, truth, {"a": noisy, "b": noisy}, {"a": score_noisy, "b": score_noisy}, tokens, cols
+    )
+    assert same["b - a"]["accuracy"] == [0.0, 0.0]  # paired: identical predictors never differ
+
+
 # -- text handling ----------------------------------------------------------------------------------
 
 
@@ -608,3 +635,27 @@ def test_eval_scores_two_artifacts_side_by_side_and_writes_the_report(tmp_path: 
     md = (out / "predictor-eval.md").read_text()
     assert "| lm |" in md and "### `lm`: proxy-smollm2@" in md
     assert (out / "predictor-eval.json").is_file() and (out / "predictor-eval.png").stat().st_size > 0
+
+
+def test_cross_validation_trains_and_scores_one_artifact_per_split(tmp_path: Path) -> None:
+    from services.predictor.crossval import cross_validate
+
+    data_dir, col = _synthetic_data_dir(tmp_path)
+    out = tmp_path / "report"
+    with pytest.raises(ValueError, match="teacher"):
+        cross_validate(data_dir, tmp_path / "w", out, encoder="smollm2", distil=True)
+    r = cross_validate(
+        data_dir, tmp_path / "work", out, seeds=(0, 1), encoder="minilm", distil=True, collected=[col],
+        teacher_kwargs={"layers": 1, "epochs": 2}, layers=1, epochs=1, progress=False, log=lambda _: None,
+    )  # fmt: skip
+    assert [f["seed"] for f in r["folds"]] == [0, 1]
+    teacher = json.loads((tmp_path / "work" / "seed1-teacher" / "metadata.json").read_text())
+    student = json.loads((tmp_path / "work" / "seed1" / "metadata.json").read_text())
+    assert teacher["data"]["split"]["seed"] == 1 and student["data"]["split"]["seed"] == 1
+    assert student["training"]["distillation"]["teacher"] == teacher["version"]
+    folds = [f["settings"]["all_models"]["test"]["accuracy"] for f in r["folds"]]
+    acc = r["summary"]["all_models"]["accuracy"]
+    assert acc["mean"] == pytest.approx(np.mean(folds)) and acc["min"] == min(folds)
+    md = (out / "predictor-cv.md").read_text()
+    assert "mean +- sd" in md and (out / "predictor-cv.json").is_file()
+    assert (out / "predictor-cv.png").stat().st_size > 0
