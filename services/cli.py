@@ -608,9 +608,12 @@ def _predictor(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         unlabeled_cv: list[str] = []
         if args.distil:
-            from services.predictor.data import read_prompt_table, read_unlabeled_prompts
+            from services.predictor.synth import distillation_prompts
 
-            unlabeled_cv = read_unlabeled_prompts(args.data, read_prompt_table(args.data).values())
+            # ShareGPT's first turns, as train's default; no synthetic prompts (they depend on the split).
+            unlabeled_cv = distillation_prompts(
+                args.data, split_seed=0, synthetic=0, model_dir=None, cache_dir=settings.cache
+            )
         cross_validate(
             args.data,
             args.work or settings.cache / "predictor-cv",
