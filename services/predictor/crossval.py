@@ -20,11 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from services.common.machine import cpu_model
+from services.predictor.evaluate import QUALITY_TARGETS, evaluate
 
 CV_REPORT = "predictor-cv"
 CV_METRICS = ("accuracy", "within_one", "kendall_tau_per_model")
-# The issue's targets (table-27 setting), as in evaluate().
-TARGETS = {"kendall_tau_per_model": 0.45, "accuracy": 0.55, "within_one": 0.93}
 SMOLLM2 = "smollm2"
 
 
@@ -50,7 +49,6 @@ def cross_validate(
     train_kwargs go to train() for the artifact under test, teacher_kwargs for the teacher (cache_dir is
     shared).
     """
-    from services.predictor.evaluate import evaluate
     from services.predictor.train import train
 
     if not seeds:
@@ -95,7 +93,7 @@ def cross_validate(
                 "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
                 "min": float(v.min()),
                 "max": float(v.max()),
-                "splits_meeting_target": int((v >= TARGETS[m]).sum()),
+                "splits_meeting_target": int((v >= QUALITY_TARGETS[m]).sum()),
             }
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -132,7 +130,13 @@ def _cv_png(path: Path, r: dict[str, Any]) -> None:
             v = [f["settings"][name]["test"][m] for f in r["folds"]]
             ax.scatter([x] * len(v), v, s=18, alpha=0.7)
             ax.hlines(r["summary"][name][m]["mean"], x - 0.25, x + 0.25, colors="black")
-        ax.axhline(TARGETS[m], color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGETS[m]}")
+        ax.axhline(
+            QUALITY_TARGETS[m],
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"target {QUALITY_TARGETS[m]}",
+        )
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(["27 LLMs" if n == "table_27_models" else "all LLMs" for n in names])
         ax.set_xlim(-0.6, len(names) - 0.4)
@@ -188,7 +192,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         )
         lines.append(
             f"| splits meeting the issue's target (of {n}) | | "
-            + " | ".join(f">= {TARGETS[m]}: {summ[m]['splits_meeting_target']}" for m in CV_METRICS)
+            + " | ".join(f">= {QUALITY_TARGETS[m]}: {summ[m]['splits_meeting_target']}" for m in CV_METRICS)
             + " |"
         )
         lines.append("")

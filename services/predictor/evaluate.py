@@ -118,6 +118,10 @@ def all_metrics(
 
 
 BOOTSTRAP_METRICS = ("accuracy", "within_one", "kendall_tau_per_model")
+BOOTSTRAP_RESAMPLES = 400
+BOOTSTRAP_LEVEL = 0.95
+# The issue's quality targets (table-27 setting, test prompts): metric -> lowest passing value.
+QUALITY_TARGETS = {"kendall_tau_per_model": 0.45, "accuracy": 0.55, "within_one": 0.93}
 
 
 def bootstrap_intervals(
@@ -128,9 +132,9 @@ def bootstrap_intervals(
     tokens: npt.ArrayLike,
     models: npt.ArrayLike,
     *,
-    resamples: int = 400,
+    resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
-    level: float = 0.95,
+    level: float = BOOTSTRAP_LEVEL,
 ) -> dict[str, dict[str, list[float]]]:
     """Percentile intervals of accuracy, within-one and per-model tau, resampling prompts with replacement.
 
@@ -580,11 +584,7 @@ def evaluate(
     lat = timed.get("proxy", {})
     lat_compare = {k: v for k, v in timed.items() if k != "proxy"}
 
-    checks = [
-        ("kendall_tau_per_model >= 0.45", "kendall_tau_per_model", 0.45),
-        ("accuracy >= 0.55", "accuracy", 0.55),
-        ("within_one >= 0.93", "within_one", 0.93),
-    ]
+    checks = [(f"{metric} >= {limit}", metric, limit) for metric, limit in QUALITY_TARGETS.items()]
     targets: dict[str, Any] = {}
     for name in loaded:
         suffix = "" if name == "proxy" else f" ({name})"
@@ -638,7 +638,13 @@ def evaluate(
         "latency": lat,
         "latency_compare": lat_compare,
         "targets": targets,
-        "bootstrap": {"setting": "table_27_models", "split": "test", "level": 0.95, "intervals": intervals},
+        "bootstrap": {
+            "setting": "table_27_models",
+            "split": "test",
+            "level": BOOTSTRAP_LEVEL,
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "intervals": intervals,
+        },
         "seconds": round(time.time() - started, 1),
     }
     # The simulator's predictor: the proxy's test confusion counts in the first (all-LLM) setting.
@@ -825,13 +831,14 @@ def render_markdown(r: dict[str, Any]) -> str:
             ci = v.get("ci95")
             span = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
             lines.append(f"| {k} | {_fmt(v['table_27_setting'])} | {span} | {_fmt(v['all_models'])} | {ok} |")
-    gaps = {k: v for k, v in r.get("bootstrap", {}).get("intervals", {}).items() if " - " in k}
+    boot = r.get("bootstrap", {})
+    gaps = {k: v for k, v in boot.get("intervals", {}).items() if " - " in k}
     if gaps:
         lines += [
             "",
-            "Paired gaps between artifacts on the same resampled test prompts (table-27 setting, 95% "
-            "intervals, 400 resamples; an interval that excludes 0 is a gap another draw of test prompts "
-            "would not close):",
+            "Paired gaps between artifacts on the same resampled test prompts (table-27 setting, "
+            f"{100 * boot['level']:.0f}% intervals, {boot['resamples']} resamples; an interval that "
+            "excludes 0 is a gap another draw of test prompts would not close):",
             "",
             "| gap | accuracy | within one | Kendall tau per model |",
             "|---|---|---|---|",
