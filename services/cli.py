@@ -84,7 +84,15 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
         help="smollm2: the served LLM's own first layers (the default artifact); minilm: LoRA-tuned sentence "
         "encoder (fast)",
     )
-    tr.add_argument("--layers", type=int, help="encoder layers kept (default: minilm 4, smollm2 16)")
+    tr.add_argument(
+        "--layers", type=int, help="encoder layers kept (default: minilm 4, smollm2 16, smollm2 --tune 4)"
+    )
+    tr.add_argument(
+        "--tune",
+        action="store_true",
+        help="smollm2: LoRA-tune the kept layers (a few-layer student of the frozen 16-layer teacher, "
+        "--teacher auto: the shipped SmolLM2 artifact)",
+    )
     tr.add_argument("--classes", type=int, default=5)
     tr.add_argument("--objective", default="listmle", help="ranking (listmle) or regression (mse) loss")
     tr.add_argument("--epochs", type=int, help="default: minilm 8, smollm2 60")
@@ -145,6 +153,12 @@ def _predictor_commands(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     cv.add_argument("--threads", type=int, default=1, help="torch threads")
     cv.add_argument("--work", type=Path, help="per-split artifacts (default: <cache>/predictor-cv)")
     cv.add_argument("--out", type=Path, default=Path("bench/results"), help="report folder")
+    cv.add_argument(
+        "--add",
+        action="store_true",
+        help="merge these splits into the report already in --out (same recipe): a long cv over sessions; "
+        "splits already trained and scored in --work are reused either way",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -561,10 +575,13 @@ def _predictor(args: argparse.Namespace) -> int:
         from services.predictor.artifacts import MINILM_ARTIFACT_DIR
         from services.predictor.train import train
 
+        if args.tune and args.out is None:
+            # The default --out would overwrite the teacher it distils from.
+            raise SystemExit("--tune writes a new artifact: give --out")
         out = args.out or (MINILM_ARTIFACT_DIR if args.encoder == "minilm" else PACKAGE_ARTIFACT)
         teacher: Path | None = None
         if args.teacher == "auto":
-            teacher = PACKAGE_ARTIFACT if args.encoder == "minilm" else None
+            teacher = PACKAGE_ARTIFACT if args.encoder == "minilm" or args.tune else None
         elif args.teacher != "none":
             teacher = Path(args.teacher)
         unlabeled: list[str] = []
@@ -597,6 +614,7 @@ def _predictor(args: argparse.Namespace) -> int:
             unlabeled=unlabeled,
             distill_weight=args.distill_weight,
             augment=args.augment if teacher is not None else 0,
+            tune=True if args.tune else None,
         )
         print(f"artifact written to {out}")
         return 0
@@ -624,6 +642,7 @@ def _predictor(args: argparse.Namespace) -> int:
             unlabeled=unlabeled_cv,
             collected=collected,
             cache_dir=settings.cache,
+            add=args.add,
         )
         print(f"report written to {args.out / 'predictor-cv.md'}")
         return 0

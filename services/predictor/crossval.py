@@ -5,6 +5,10 @@ intervals), as much as most changes being judged. Training the same recipe on se
 averaging the held-out figures says what the recipe gives, not what one split happened to give. A
 distilled student gets a teacher trained on its own split (a teacher from another split has seen
 its test prompts).
+
+A split takes minutes (SmolLM2 head) to ~25 min (distilled MiniLM student), so a run can be spread
+over sessions: a split whose artifact and eval report are already in work_dir is read back, not
+retrained (resume), and add=True merges the splits into the report already in out_dir (same recipe).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from services.common.machine import cpu_model
-from services.predictor.evaluate import QUALITY_TARGETS, evaluate
+from services.predictor.evaluate import QUALITY_TARGETS, REPORT, evaluate
 
 CV_REPORT = "predictor-cv"
 CV_METRICS = ("accuracy", "within_one", "kendall_tau_per_model")
@@ -38,6 +42,7 @@ def cross_validate(
     unlabeled: Sequence[str] = (),
     collected: Sequence[Path] = (),
     teacher_kwargs: dict[str, Any] | None = None,
+    add: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
     **train_kwargs: Any,
@@ -47,7 +52,8 @@ def cross_validate(
     distil: first train a SmolLM2 teacher on the same split (work_dir/seed<k>-teacher), then the
     student from it with unlabeled prompts and one word-dropout variant each (the shipped recipe).
     train_kwargs go to train() for the artifact under test, teacher_kwargs for the teacher (cache_dir is
-    shared).
+    shared). A split already trained and scored in work_dir by this recipe is reused. add: keep the
+    other splits of the report in out_dir (refused if its recipe differs).
     """
     from services.predictor.train import train
 
@@ -56,9 +62,30 @@ def cross_validate(
     if distil and encoder == SMOLLM2:
         raise ValueError("distil trains a SmolLM2 teacher for a student with another encoder")
     started = time.time()
+    recipe: dict[str, Any] = {
+        "encoder": encoder,
+        "distilled": distil,
+        "unlabeled_prompts": len(unlabeled) if distil else 0,
+        "train_kwargs": {k: str(v) for k, v in train_kwargs.items()},
+    }
+    kept: list[dict[str, Any]] = []
+    earlier_seconds = 0.0
+    if add and (out_dir / f"{CV_REPORT}.json").is_file():
+        with open(out_dir / f"{CV_REPORT}.json", encoding="utf-8") as f:
+            old = json.load(f)
+        differs = {k: (old.get(k), v) for k, v in recipe.items() if old.get(k) != v}
+        if differs:
+            raise ValueError(f"{out_dir / CV_REPORT}.json has another recipe (theirs, ours): {differs}")
+        kept = [f for f in old["folds"] if f["seed"] not in set(seeds)]
+        earlier_seconds = float(old.get("seconds", 0.0))
     folds: list[dict[str, Any]] = []
     for k in tqdm(list(seeds), desc="cross-validate", unit="split", disable=not progress):
         art = work_dir / f"seed{k}"
+        done = _finished_fold(art, k, encoder, distil)
+        if done is not None:
+            log(f"split {k}: reusing {art} (trained and scored earlier)")
+            folds.append(done)
+            continue
         extra: dict[str, Any] = dict(train_kwargs)
         if distil:
             teacher = work_dir / f"seed{k}-teacher"
@@ -71,17 +98,11 @@ def cross_validate(
             data_dir, art, collected=collected, encoder=encoder, seed=k, progress=False, log=log, **extra
         )
         rep = evaluate(data_dir, art, art / "eval", collected=collected, seed=k, latency=False)
-        fold: dict[str, Any] = {"seed": k, "version": meta["version"], "settings": {}}
-        for name, res in rep["settings"].items():
-            fold["settings"][name] = {
-                "edges": res["edges"],
-                **{
-                    split: {m: res[split]["proxy"][m] for m in CV_METRICS} for split in ("validation", "test")
-                },
-            }
+        fold = _fold(k, meta["version"], rep)
         folds.append(fold)
         shown = fold["settings"].get("table_27_models", fold["settings"]["all_models"])
         log(f"split {k}: test {shown['test']}")
+    folds = sorted([*kept, *folds], key=lambda f: int(f["seed"]))
 
     summary: dict[str, Any] = {}
     for name in folds[0]["settings"]:
@@ -98,14 +119,12 @@ def cross_validate(
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
-        "encoder": encoder,
-        "distilled": distil,
-        "unlabeled_prompts": len(unlabeled) if distil else 0,
-        "train_kwargs": {k: str(v) for k, v in train_kwargs.items()},
-        "seeds": list(seeds),
+        **recipe,
+        "seeds": [int(f["seed"]) for f in folds],
         "folds": folds,
         "summary": summary,
-        "seconds": round(time.time() - started, 1),
+        # Training time of every split in the report, earlier runs' included (reused splits cost ~0).
+        "seconds": round(earlier_seconds + time.time() - started, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{CV_REPORT}.json", "w", encoding="utf-8") as f:
@@ -114,6 +133,37 @@ def cross_validate(
     _cv_png(out_dir / f"{CV_REPORT}.png", report)
     (out_dir / f"{CV_REPORT}.md").write_text(render_markdown(report), encoding="utf-8")
     return report
+
+
+def _fold(seed: int, version: str, rep: dict[str, Any]) -> dict[str, Any]:
+    """One split's entry: its artifact's version, validation and test metrics per setting of rep."""
+    fold: dict[str, Any] = {"seed": seed, "version": version, "settings": {}}
+    for name, res in rep["settings"].items():
+        fold["settings"][name] = {
+            "edges": res["edges"],
+            **{split: {m: res[split]["proxy"][m] for m in CV_METRICS} for split in ("validation", "test")},
+        }
+    return fold
+
+
+def _finished_fold(art: Path, seed: int, encoder: str, distil: bool) -> dict[str, Any] | None:
+    """The fold of a split this recipe already trained and scored in art, else None (train it)."""
+    meta_path, rep_path = art / "metadata.json", art / "eval" / f"{REPORT}.json"
+    if not meta_path.is_file() or not rep_path.is_file():
+        return None  # never trained or never scored
+    if rep_path.stat().st_mtime < meta_path.stat().st_mtime:
+        return None  # retrained after its last score
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    with open(rep_path, encoding="utf-8") as f:
+        rep = json.load(f)
+    same = (
+        meta.get("net", {}).get("encoder") == encoder
+        and ("distillation" in meta.get("training", {})) == distil
+        and meta.get("data", {}).get("split", {}).get("seed") == seed
+        and str(rep.get("artifact", {}).get("ident", "")).endswith(f"@{meta.get('version')}")
+    )
+    return _fold(seed, str(meta["version"]), rep) if same else None
 
 
 def _cv_png(path: Path, r: dict[str, Any]) -> None:

@@ -66,8 +66,15 @@ def _onednn_ok(dtype: torch.dtype) -> bool:
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm without its scale (folded into the next weights); the mean square in float32."""
+    if x.requires_grad:  # autograd needs the norm unmodified: no in-place ops while training
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+        return x * torch.rsqrt(ms + eps).to(x.dtype)
     ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[-1])
     return x * torch.rsqrt(ms.add_(eps)).to(x.dtype)
+
+
+# The fused weights of a block, each of which can carry a LoRA update.
+WEIGHTS = ("qkv", "o", "gate", "up", "down")
 
 
 class _Block(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
@@ -89,11 +96,47 @@ class _Block(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
             self.register_buffer("up", mlp.up_proj.weight.float() * n2)
             self.register_buffer("down", mlp.down_proj.weight.float().clone())
         self._packed: tuple[torch.dtype, list[torch.Tensor]] | None = None
+        self.lora_scale = 0.0
+
+    @property
+    def has_lora(self) -> bool:
+        """True while LoRA updates are separate parameters (training); merge_lora folds them in."""
+        return self.lora_scale > 0.0
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """A trainable low-rank update B @ A on each fused weight (B starts at zero: same output)."""
+        self.lora_scale = alpha / rank
+        for name in WEIGHTS:
+            w = getattr(self, name)
+            a = nn.Parameter(torch.empty(rank, w.shape[1]))
+            nn.init.kaiming_uniform_(a, a=5**0.5)
+            self.register_parameter(f"lora_{name}_a", a)
+            self.register_parameter(f"lora_{name}_b", nn.Parameter(torch.zeros(w.shape[0], rank)))
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA updates into the weights (inference form: no extra cost) and drop them."""
+        if not self.has_lora:
+            return
+        with torch.no_grad():
+            for name in WEIGHTS:
+                a, b = getattr(self, f"lora_{name}_a"), getattr(self, f"lora_{name}_b")
+                getattr(self, name).add_((b.float() @ a.float()).mul_(self.lora_scale).to(a.dtype))
+                delattr(self, f"lora_{name}_a")
+                delattr(self, f"lora_{name}_b")
+        self.lora_scale = 0.0
+        self._packed = None
+
+    def weight(self, name: str) -> torch.Tensor:
+        """A fused weight with its LoRA update, if any."""
+        w: torch.Tensor = getattr(self, name)
+        if self.has_lora:
+            w = w + (getattr(self, f"lora_{name}_b") @ getattr(self, f"lora_{name}_a")) * self.lora_scale
+        return w
 
     def packed(self) -> list[torch.Tensor] | None:
         """The weights packed for oneDNN (made once per dtype), or None where plain products are used."""
         dtype = self.qkv.dtype
-        if self.qkv.device.type != "cpu" or dtype != torch.bfloat16 or not _onednn_ok(dtype):
+        if self.has_lora or self.qkv.device.type != "cpu" or dtype != torch.bfloat16 or not _onednn_ok(dtype):
             return None
         if self._packed is None or self._packed[0] != dtype:
             pack = torch.ops.mkldnn._reorder_linear_weight
@@ -113,9 +156,10 @@ class _Block(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
         packed = self.packed()
         lp = torch.ops.mkldnn._linear_pointwise if packed else None  # absent from builds without oneDNN
         h = _rms(x, self.eps)
-        qkv = (lp(h, packed[0], None, "none", [], "") if lp and packed else F.linear(h, self.qkv)).view(
-            rows, heads + 2 * kv, dim
-        )
+        if lp and packed:
+            qkv = lp(h, packed[0], None, "none", [], "").view(rows, heads + 2 * kv, dim)
+        else:
+            qkv = F.linear(h, self.weight("qkv")).view(rows, heads + 2 * kv, dim)
         qk = qkv[:, : heads + kv]
         cos, sin = rope
         half = dim // 2
@@ -128,9 +172,10 @@ class _Block(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
             act = lp.binary(h, lp(h, packed[2], None, "swish", [], ""), packed[3], None, "mul")
             x = lp.binary(act, x, packed[4], None, "add")
         else:
-            x = x + F.linear(att, self.o)
+            x = x + F.linear(att, self.weight("o"))
             h = _rms(x, self.eps)
-            x = x + F.linear(F.silu(F.linear(h, self.gate)) * F.linear(h, self.up), self.down)
+            gate, up = F.linear(h, self.weight("gate")), F.linear(h, self.weight("up"))
+            x = x + F.linear(F.silu(gate) * up, self.weight("down"))
         return x, (k, v)
 
 
@@ -227,9 +272,25 @@ class LMLastTokenEncoder(nn.Module):  # type: ignore[misc]  # torch is Any to my
             kvs.append(kv)
         return x, kvs
 
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """LoRA updates on every kept layer's weights (the rest of the encoder stays frozen)."""
+        for block in self.blocks:
+            block.add_lora(rank, alpha)
+        self._prefix_kv = None
+
+    def merge_lora(self) -> None:
+        """Fold every layer's LoRA update into its weights (inference form)."""
+        for block in self.blocks:
+            block.merge_lora()
+        self._prefix_kv = None
+
     def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         if not self._prefix:
             return None
+        if any(block.has_lora for block in self.blocks):
+            # Weights change every training step: the prefix's keys and values are recomputed per call.
+            n = len(self._prefix)
+            return self._run(self._prefix, list(range(n)), [(0, n, False)], None)[1]
         if self._prefix_kv is None or self._prefix_kv[0] != self.dtype:
             n = len(self._prefix)
             _, kvs = self._run(self._prefix, list(range(n)), [(0, n, False)], None)

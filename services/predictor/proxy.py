@@ -86,6 +86,14 @@ class NetConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     dropout: float = 0.1
+    # Tune the encoder's kept layers with LoRA; None: the encoder's default (MiniLM tuned, an LM frozen,
+    # as artifacts written before this field was added assume).
+    tune: bool | None = None
+
+    @property
+    def tuned(self) -> bool:
+        """True when the encoder's layers carry trained LoRA updates (features change while training)."""
+        return self.encoder == MINILM_ENCODER if self.tune is None else self.tune
 
     @property
     def max_tokens(self) -> int:
@@ -159,9 +167,11 @@ class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
         self.cfg = cfg
         self.encoder = encoder
         dim = int(encoder.config.hidden_size)
-        # A frozen LM's features are standardised (statistics of the training prompts, saved with
-        # the head); a tuned encoder learns its own scale.
-        self.frozen = cfg.encoder != MINILM_ENCODER
+        # An LM's features are standardised (statistics of the training prompts through the untuned
+        # encoder, saved with the head); MiniLM learns its own scale. Only a frozen encoder's features
+        # can be computed once for all epochs.
+        self.lm = cfg.encoder != MINILM_ENCODER
+        self.frozen = not cfg.tuned
         self.register_buffer("feat_mu", torch.zeros(dim))
         self.register_buffer("feat_sd", torch.ones(dim))
         self.head = nn.Sequential(
@@ -174,11 +184,14 @@ class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
         self.model_b = nn.Parameter(torch.zeros(n_models))
 
     def add_lora(self) -> None:
-        """Freeze the encoder and wrap its kept layers' linears with LoRA adapters."""
+        """Freeze the encoder and add LoRA adapters to its kept layers (a tuned encoder only)."""
         if self.frozen:
             return
         for p in self.encoder.parameters():
             p.requires_grad_(False)
+        if isinstance(self.encoder, LMLastTokenEncoder):
+            self.encoder.add_lora(self.cfg.lora_rank, self.cfg.lora_alpha)
+            return
         for i in range(self.cfg.layers):
             for target in LORA_TARGETS:
                 name = f"encoder.layer.{i}.{target}"
@@ -188,6 +201,9 @@ class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
 
     def merge_lora(self) -> None:
         """Fold every LoRA adapter into its Linear (inference form)."""
+        if isinstance(self.encoder, LMLastTokenEncoder):
+            self.encoder.merge_lora()
+            return
         for name, mod in list(self.encoder.named_modules()):
             if isinstance(mod, LoRALinear):
                 _set_module(self.encoder, name, mod.merged())
@@ -198,8 +214,8 @@ class ProxyNet(nn.Module):  # type: ignore[misc]  # torch is Any to mypy here
             hidden = self.encoder(input_ids, attention_mask)
         else:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.frozen:
-            return hidden
+        if self.lm:
+            return hidden  # already read at each prompt's last token
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
@@ -308,7 +324,7 @@ def share_prefix(net: ProxyNet, tokenizer: Any) -> None:
 def trainable_state(net: ProxyNet) -> dict[str, torch.Tensor]:
     """The weights an artifact stores: head, model table, LoRA adapters, feature statistics."""
     state = {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
-    if net.frozen:
+    if net.lm:
         state.update(feat_mu=net.feat_mu.detach().clone(), feat_sd=net.feat_sd.detach().clone())
     return state
 
@@ -451,15 +467,15 @@ class ProxyLengthPredictor(LengthPredictor):
             raise ValueError(f"{folder}: artifact lacks weights {sorted(missing)[:5]}")
         net.load_state_dict(state, strict=False)
         net.merge_lora()
-        if not net.frozen:
+        if not net.lm:
             # Same weights, leaner forward (3x less per-call overhead at serving sizes).
             net.encoder = FastBertEncoder(net.encoder)
         inference = meta.get("inference", {})
         int8 = quantize if quantize is not None else bool(inference.get("int8", False))
-        if quantize is None and inference.get("dtype") == "bfloat16" and not net.frozen and not native_bf16():
+        if quantize is None and inference.get("dtype") == "bfloat16" and not net.lm and not native_bf16():
             # Without bfloat16 units the CPU emulates it, far slower than int8 (which costs ~0.02 accuracy).
             int8 = True
-        if int8 and net.frozen:
+        if int8 and net.lm:
             # Per-tensor activation quantization clips an LLM's outlier features: measured, the
             # validation tau of the SmolLM2 encoder fell from 0.54 to 0.16.
             raise ValueError("int8 dynamic quantization ruins an LM encoder's features; serve it in bfloat16")

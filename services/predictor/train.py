@@ -92,6 +92,9 @@ ENCODER_DEFAULTS: dict[str, tuple[int, int, float]] = {
     MINILM_ENCODER: (4, 8, 5e-4),
     SMOLLM2_ENCODER: (16, 60, 1e-3),
 }
+# An LM encoder tuned with LoRA (tune=True): a few layers, so that it costs what MiniLM does; backward
+# through them makes an epoch minutes, not seconds.
+TUNED_LM_DEFAULTS: tuple[int, int, float] = (4, 6, 5e-4)
 # Offsets and spreads of a model with few held-out answers lean on its training answers this much.
 PRIOR_PAIRS = 10.0
 # Fewer answers than this in a class: use the class's median over all models.
@@ -326,6 +329,7 @@ def train(
     unlabeled: Sequence[str] = (),
     distill_weight: float = 1.0,
     augment: int = 0,
+    tune: bool | None = None,
 ) -> dict[str, Any]:
     """Train on the train prompts, pick the epoch and calibrate on validation, write the artifact to out_dir.
 
@@ -343,12 +347,16 @@ def train(
     its predicted log-lengths on the train prompts and on the unlabeled prompt texts become a second
     target, weighted distill_weight, next to the true lengths. It never sees a validation or test prompt.
     augment: that many word-dropout variants of each of those prompts, labelled by the teacher too.
+    tune: LoRA-tune the encoder's kept layers (None: MiniLM yes, an LM no). A tuned LM encoder is the
+    fast student of a frozen deep one: its first few layers, adapted to read what the teacher's deeper
+    layers see.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if encoder not in ENCODER_DEFAULTS:
         raise ValueError(f"encoder must be one of {tuple(ENCODER_DEFAULTS)}, got {encoder!r}")
-    d_layers, d_epochs, d_lr = ENCODER_DEFAULTS[encoder]
+    tuned_lm = bool(tune) and encoder != MINILM_ENCODER
+    d_layers, d_epochs, d_lr = TUNED_LM_DEFAULTS if tuned_lm else ENCODER_DEFAULTS[encoder]
     layers = d_layers if layers is None else layers
     epochs = d_epochs if epochs is None else epochs
     lr = d_lr if lr is None else lr
@@ -394,6 +402,7 @@ def train(
         tail_tokens=tail_tokens,
         rank=rank,
         lora_rank=lora_rank,
+        tune=tune,
     )
     encoder_dir = default_encoder_dir(encoder, cache_dir)
     net = build_net(cfg, n_models, encoder_dir)
@@ -404,12 +413,15 @@ def train(
     # Rows the loss sees: the labelled train prompts, and with a teacher the unlabeled ones after them.
     fit_rows = np.concatenate([train_rows, np.arange(len(data.texts), len(ids))])
     feats: torch.Tensor | None = None
-    if net.frozen:
-        feats = encoder_features(net, ids, mask, progress)
+    if net.lm:
+        # Feature statistics through the untuned encoder (LoRA updates start at zero); a frozen
+        # encoder's features are also the cache every epoch reads.
+        init = encoder_features(net, ids, mask, progress)
         with torch.no_grad():
-            tr_feats = feats[torch.as_tensor(train_rows)]
+            tr_feats = init[torch.as_tensor(train_rows)]
             net.feat_mu.copy_(tr_feats.mean(0))
             net.feat_sd.copy_(tr_feats.std(0) + 1e-6)
+        feats = init if net.frozen else None
 
     target = torch.tensor(data.matrix(), dtype=torch.float32)
     if soft is not None:
@@ -484,12 +496,13 @@ def train(
     data_hash = data.content_hash()
     served = sorted({m for p in collected for m in _collected_models(p)} | set(inherited.get("served", [])))
     tag = "" if encoder == MINILM_ENCODER else f"{encoder}-"
+    lora_tag = "-lora" if tuned_lm else ""
     meta: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
         "name": f"proxy-{encoder}",
-        "version": f"{ARTIFACT_FORMAT}.{tag}{layers}L-{objective}-{data_hash[:8]}",
+        "version": f"{ARTIFACT_FORMAT}.{tag}{layers}L{lora_tag}-{objective}-{data_hash[:8]}",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "encoder": _encoder_meta(encoder, encoder_dir, layers),
+        "encoder": _encoder_meta(encoder, encoder_dir, layers, tuned_lm),
         "net": asdict(cfg),
         # Load-time int8 dynamic quantization of the encoder (ProxyLengthPredictor.load(quantize=None)).
         "inference": {"int8": True} if int8 else {"int8": False, "dtype": "bfloat16"},
@@ -600,7 +613,7 @@ def _teacher_targets(
     return data, out, meta, inherited
 
 
-def _encoder_meta(encoder: str, encoder_dir: Path, layers: int) -> dict[str, Any]:
+def _encoder_meta(encoder: str, encoder_dir: Path, layers: int, tuned: bool = False) -> dict[str, Any]:
     """Which packaged weights the artifact builds on (an artifact holds only what differs from them)."""
     if encoder == MINILM_ENCODER:
         return {
@@ -618,7 +631,8 @@ def _encoder_meta(encoder: str, encoder_dir: Path, layers: int) -> dict[str, Any
         "tokenizer": "SmolLM2 BPE with its ChatML template (the served model's own)",
         "layers_used": layers,
         "pooling": "hidden state of the last prompt token, layer output before any norm",
-        "frozen": True,
+        "frozen": not tuned,
+        **({"tuned": "LoRA on every kept layer's fused weights (rank: net.lora_rank)"} if tuned else {}),
     }
 
 

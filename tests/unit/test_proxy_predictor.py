@@ -473,6 +473,67 @@ def test_tiny_lm_encoder_training_run_writes_a_loadable_artifact(tmp_path: Path)
         ProxyLengthPredictor.load(out, quantize=True)
 
 
+def test_lm_encoder_lora_starts_neutral_trains_and_merges_to_the_same_function(
+    smollm2_tokenizer: object,
+) -> None:
+    import torch
+
+    from services.predictor.lm_encoder import chat_frame, load_lm_encoder
+    from services.predictor.proxy import NetConfig, default_encoder_dir, token_sequences
+
+    enc = load_lm_encoder(default_encoder_dir("smollm2"), 2)
+    enc.set_prefix(chat_frame(smollm2_tokenizer)[0])
+    seqs = token_sequences(smollm2_tokenizer, TEXTS, NetConfig(encoder="smollm2"))
+    with torch.inference_mode():
+        base = enc.encode(seqs)
+    enc.add_lora(rank=4, alpha=8.0)
+    lora = [p for n, p in enc.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * 5 * 2  # A and B on each of the 5 fused weights of both layers
+    with torch.inference_mode():
+        assert torch.allclose(enc.encode(seqs), base, atol=1e-5)  # B starts at zero
+    opt = torch.optim.SGD(lora, lr=1e-3)
+    for _ in range(2):  # gradients flow through the packed forward and the per-call prefix
+        loss = enc.encode(seqs).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None for p in lora)
+    with torch.inference_mode():
+        tuned = enc.encode(seqs)
+        enc.merge_lora()
+        merged = enc.encode(seqs)
+    assert not torch.allclose(tuned, base, atol=1e-3)
+    assert torch.allclose(merged, tuned, atol=1e-3, rtol=1e-4)
+    assert not any("lora_" in n for n, _ in enc.named_parameters())
+
+
+def test_tuned_lm_student_stores_only_adapters_and_loads_merged(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from services.predictor.train import train
+
+    data_dir, col = _synthetic_data_dir(tmp_path)
+    teacher = tmp_path / "teacher"
+    train(data_dir, teacher, collected=[col], encoder="smollm2", layers=2, epochs=10, seed=0, progress=False)
+    out = tmp_path / "student"
+    meta = train(
+        data_dir, out, encoder="smollm2", layers=1, epochs=2, lr=1e-3, seed=0, progress=False,
+        teacher=teacher, unlabeled=["Write a long essay about owls."], tune=True,
+    )  # fmt: skip
+    assert meta["net"]["tune"] is True and not meta["encoder"]["frozen"]
+    assert "-1L-lora-" in meta["version"]
+    assert meta["training"]["distillation"]["models_from_teacher"] == ["served"]
+    stored = load_file(str(out / "proxy.safetensors"))
+    adapters = [k for k in stored if k.startswith("encoder.")]
+    assert adapters and all(".lora_" in k for k in adapters)  # never the packaged weights themselves
+    assert {"feat_mu", "feat_sd"} <= set(stored)
+    p = ProxyLengthPredictor.load(out)
+    assert not any(".lora_" in n for n, _ in p.net.named_parameters())  # merged for serving
+    texts = ["Write a long detailed essay about owls.", "One word: owls?"]
+    long, short = p.log_tokens(_items("served", texts))
+    assert math.isfinite(float(long)) and math.isfinite(float(short))
+
+
 def test_distilled_student_learns_from_a_teacher_on_unlabeled_prompts(tmp_path: Path) -> None:
     from services.predictor.train import train
 
@@ -659,3 +720,15 @@ def test_cross_validation_trains_and_scores_one_artifact_per_split(tmp_path: Pat
     md = (out / "predictor-cv.md").read_text()
     assert "mean +- sd" in md and (out / "predictor-cv.json").is_file()
     assert (out / "predictor-cv.png").stat().st_size > 0
+    # Another split added to the report later: splits 0 and 1 are read back from work, not retrained.
+    trained = (tmp_path / "work" / "seed1" / "metadata.json").stat().st_mtime_ns
+    more = cross_validate(
+        data_dir, tmp_path / "work", out, seeds=(1, 2), encoder="minilm", distil=True, collected=[col],
+        teacher_kwargs={"layers": 1, "epochs": 2}, layers=1, epochs=1, progress=False, log=lambda _: None,
+        add=True,
+    )  # fmt: skip
+    assert more["seeds"] == [0, 1, 2] and (tmp_path / "work" / "seed2" / "metadata.json").is_file()
+    assert (tmp_path / "work" / "seed1" / "metadata.json").stat().st_mtime_ns == trained
+    assert more["folds"][:2] == r["folds"]
+    with pytest.raises(ValueError, match="another recipe"):
+        cross_validate(data_dir, tmp_path / "w2", out, seeds=(3,), encoder="smollm2", add=True)
