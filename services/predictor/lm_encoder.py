@@ -287,13 +287,13 @@ class LMLastTokenEncoder(nn.Module):  # type: ignore[misc]  # torch is Any to my
     def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         if not self._prefix:
             return None
-        if any(block.has_lora for block in self.blocks):
-            # Weights change every training step: the prefix's keys and values are recomputed per call.
-            n = len(self._prefix)
-            return self._run(self._prefix, list(range(n)), [(0, n, False)], None)[1]
-        if self._prefix_kv is None or self._prefix_kv[0] != self.dtype:
+        # Weights change every training step: with LoRA updates the prefix is recomputed per call.
+        tuning = any(block.has_lora for block in self.blocks)
+        if tuning or self._prefix_kv is None or self._prefix_kv[0] != self.dtype:
             n = len(self._prefix)
             _, kvs = self._run(self._prefix, list(range(n)), [(0, n, False)], None)
+            if tuning:
+                return kvs
             self._prefix_kv = (self.dtype, [(k.clone(), v.clone()) for k, v in kvs])
         return self._prefix_kv[1]
 
